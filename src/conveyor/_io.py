@@ -1,0 +1,99 @@
+"""Raw round trips for the sync and asyncio drivers: pipelines on a connection, no callbacks.
+
+redis-py's response callbacks are bypassed on purpose: replies are parsed once, by
+``conveyor._core.commands``, straight into conveyor's types. Error replies inside a pipeline are
+returned in place (as ``ResponseError``) so the replies after them are still read; a broken
+connection is closed and raised as ConnectionLost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from conveyor._core.commands import Command
+from conveyor.connection import describe
+from conveyor.errors import ConnectionLost
+
+__all__ = ["LINK_ERRORS", "aroundtrip", "apool_roundtrip", "lost", "pool_roundtrip", "roundtrip"]
+
+LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def lost(conn_or_client: Any, exc: BaseException) -> ConnectionLost:
+    return ConnectionLost(f"connection to {describe(conn_or_client)} lost: {exc}")
+
+
+def _packed(conn: Any, commands: Sequence[Command]) -> Any:
+    if len(commands) == 1:
+        return conn.pack_command(*commands[0])
+    return conn.pack_commands(commands)
+
+
+def roundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    """Send ``commands`` as one pipeline on ``conn`` and read every reply."""
+    try:
+        conn.send_packed_command(_packed(conn, commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except LINK_ERRORS as exc:
+        conn.disconnect()
+        raise lost(conn, exc) from exc
+    except BaseException:
+        conn.disconnect()  # a half-read pipeline leaves the connection out of step
+        raise
+
+
+def pool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
+    """``roundtrip`` on a connection borrowed from ``client``'s pool."""
+    pool = client.connection_pool
+    try:
+        conn = pool.get_connection()
+    except LINK_ERRORS as exc:
+        raise lost(client, exc) from exc
+    try:
+        return roundtrip(conn, commands)
+    finally:
+        pool.release(conn)
+
+
+async def aroundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    """``roundtrip`` for an asyncio connection."""
+    try:
+        await conn.send_packed_command(_packed(conn, commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except LINK_ERRORS as exc:
+        await conn.disconnect()
+        raise lost(conn, exc) from exc
+    except BaseException:
+        # Cancelled mid-read: the reply is lost and the connection out of step.
+        await conn.disconnect(nowait=True)
+        raise
+
+
+async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
+    """``aroundtrip`` on a connection borrowed from an asyncio client's pool."""
+    pool = client.connection_pool
+    try:
+        conn = await pool.get_connection()
+    except LINK_ERRORS as exc:
+        raise lost(client, exc) from exc
+    try:
+        return await aroundtrip(conn, commands)
+    finally:
+        await pool.release(conn)

