@@ -6,28 +6,15 @@ names the argument, the value given and the accepted range.
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from conveyor.errors import ConfigError
 
-__all__ = ["ConsumerConfig", "ProducerConfig", "default_consumer_name"]
+__all__ = ["ConsumerConfig", "ProducerConfig"]
 
 Codec = Literal["json"]
 _CODECS = ("json",)
-
-
-def default_consumer_name() -> str:
-    """A consumer name unique to this call: ``host-pid-random``.
-
-    Computed per consumer instance, never at import time, so threads and forked workers never
-    share a name (two processes with one name share one pending list).
-    """
-    host = socket.gethostname().split(".")[0] or "host"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -53,7 +40,7 @@ class ConsumerConfig:
 
     streams: tuple[str, ...]
     group: str
-    consumer: str = field(default_factory=default_consumer_name)
+    consumer: str
     batch_size: int = 100
     max_wait_ms: int = 1000
     start: str = "0"

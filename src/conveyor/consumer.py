@@ -9,6 +9,9 @@ behind a blocked read.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -19,14 +22,24 @@ from conveyor import _io
 from conveyor._core import commands as cmd
 from conveyor._core.machine import ConsumerMachine, ReadPlan
 from conveyor._core.scripts import REMOVE_IF_IDLE
-from conveyor.config import ConsumerConfig, default_consumer_name
+from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, reader_connection
 from conveyor.errors import ConfigError, GroupMissingError, ServerError
 from conveyor.models import Batch, Message
 
-__all__ = ["AsyncConsumer", "Consumer"]
+__all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
 
 log = logging.getLogger("conveyor.consumer")
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this call: ``host-pid-random``.
+
+    Computed per consumer instance, never at import time, so threads and forked workers never
+    share a name (two processes with one name share one pending list).
+    """
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _now_ms() -> int:

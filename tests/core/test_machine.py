@@ -1,0 +1,140 @@
+"""The consumer's decisions, driven with an injected clock and scripted replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conveyor._core.machine import ConsumerMachine
+from conveyor.config import ConsumerConfig
+
+
+def machine(**kw: Any) -> ConsumerMachine:
+    kw.setdefault("streams", ("s",))
+    return ConsumerMachine(ConsumerConfig(group="g", consumer="c", **kw))
+
+
+def entries(stream: str, first: int, n: int) -> list[Any]:
+    return [[stream, [[f"{i}-0", ["n", str(i)]] for i in range(first, first + n)]]]
+
+
+def test_own_pending_entries_come_first_with_their_delivery_counts() -> None:
+    m = machine(batch_size=10)
+    m.begin_batch(now_ms=0)
+    plan = m.next_read(now_ms=0)
+    assert plan is not None and plan.pending and plan.block_ms is None
+    read, pending = plan.commands
+    assert read[-1] == "0" and pending[0] == "XPENDING"
+    m.feed(plan, [entries("s", 1, 3), [["1-0", "c", 9, 2], ["2-0", "c", 9, 2], ["3-0", "c", 9, 5]]], 1)
+    # fewer than asked: the own pending list is exhausted, new entries next, blocking
+    plan = m.next_read(now_ms=1)
+    assert plan is not None and not plan.pending
+    assert plan.commands[0][-1] == ">" and plan.block_ms == 999
+    m.feed(plan, [None], 1000)
+    assert m.next_read(now_ms=1000) is None
+    assert [(x.id, x.deliveries) for x in m.end_batch()] == [("1-0", 2), ("2-0", 2), ("3-0", 5)]
+
+
+def test_a_full_pending_page_continues_after_its_last_id() -> None:
+    m = machine(batch_size=2)
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [entries("s", 1, 2), []], 0)
+    assert m.next_read(0) is None  # batch full
+    assert len(m.end_batch()) == 2
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None and plan.pending and plan.commands[0][-1] == "2-0"
+    assert plan.commands[1][3] == "(2-0"
+
+
+def test_batch_returns_when_full_without_waiting() -> None:
+    m = machine(batch_size=3)
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [None, []], 0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [entries("s", 1, 3)], 5)
+    assert m.next_read(5) is None and len(m.end_batch()) == 3
+
+
+def test_partial_batch_keeps_blocking_for_the_rest_of_the_wait() -> None:
+    m = machine(batch_size=10, max_wait_ms=500)
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [None, []], 0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [entries("s", 1, 4)], 200)
+    plan = m.next_read(200)
+    assert plan is not None and plan.block_ms == 300 and plan.commands[0][5] == 6  # COUNT left
+    m.feed(plan, [None], 500)
+    assert m.next_read(500) is None and len(m.end_batch()) == 4
+
+
+def test_zero_wait_reads_once_without_blocking() -> None:
+    m = machine(max_wait_ms=0, start="$")
+    m.group_recreated()  # no pending phase
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None and plan.block_ms is None
+    m.feed(plan, [None], 0)
+    assert m.next_read(0) is None
+
+
+def test_lost_reply_goes_back_to_the_own_pending_list() -> None:
+    m = machine()
+    m.group_recreated()
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None and not plan.pending
+    m.reply_lost()
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None and plan.pending and plan.commands[0][-1] == "0"
+
+
+def test_deleted_pending_entries_are_dropped_and_counted() -> None:
+    m = machine()
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [[["s", [["1-0", None], ["2-0", ["a", "b"]]]]], []], 0)
+    assert m.take_drops() == [("s", "1-0")] and m.take_drops() == []
+    assert m.deleted_count == 1
+
+
+@given(
+    n_streams=st.integers(1, 5),
+    batch_size=st.integers(1, 50),
+    available=st.lists(st.integers(0, 60), min_size=5, max_size=5),
+)
+def test_several_streams_never_overfill_a_batch(
+    n_streams: int, batch_size: int, available: list[int]
+) -> None:
+    streams = tuple(f"s{i}" for i in range(n_streams))
+    m = machine(streams=streams, batch_size=batch_size, max_wait_ms=100)
+    m.group_recreated()
+    left = dict(zip(streams, available, strict=False))
+    next_id = 0
+    m.begin_batch(0)
+    now = 0
+    while (plan := m.next_read(now)) is not None:
+        read = plan.commands[0]
+        count = read[5]
+        names = list(plan.streams)
+        reply = []
+        for s in names:
+            k = min(count, left[s])
+            left[s] -= k
+            reply.append([s, [[f"{next_id + i}-0", ["a", "b"]] for i in range(k)]])
+            next_id += k
+        now += 10
+        m.feed(plan, [reply or None], now)
+    assert len(m.end_batch()) <= batch_size
