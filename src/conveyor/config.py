@@ -63,7 +63,9 @@ class ConsumerConfig:
         _check_int("claim_idle_ms", self.claim_idle_ms, 1)
         _check_int("max_deliveries", self.max_deliveries, 1)
         if not isinstance(self.start, str) or not (self.start == "$" or _is_stream_id(self.start)):
-            raise ConfigError(f"start must be '0', '$' or a stream id like '1700000000000-0', got {self.start!r}")
+            raise ConfigError(
+                f"start must be '0', '$' or a stream id like '1700000000000-0', got {self.start!r}"
+            )
         if self.encoding is not None:
             _check_encoding(self.encoding)
         if self.dead_letter is not None:
@@ -89,8 +91,12 @@ class ProducerConfig:
         _check_name("stream", self.stream)
         if self.maxlen is not None:
             _check_int("maxlen", self.maxlen, 0)
-        if self.minid is not None and not (isinstance(self.minid, str) and _is_stream_id(self.minid)):
-            raise ConfigError(f"minid must be a stream id like '1700000000000-0', got {self.minid!r}")
+        if self.minid is not None and not (
+            isinstance(self.minid, str) and _is_stream_id(self.minid)
+        ):
+            raise ConfigError(
+                f"minid must be a stream id like '1700000000000-0', got {self.minid!r}"
+            )
         if self.maxlen is not None and self.minid is not None:
             raise ConfigError("give maxlen or minid, not both")
         if self.codec is not None and self.codec not in _CODECS:

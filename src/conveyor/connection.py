@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from conveyor.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "connect", "redact_url", "reader_connection"]
+__all__ = ["DEFAULT_URL", "connect", "reader_connection", "redact_url"]
 
 log = logging.getLogger("conveyor.connection")
 
@@ -70,7 +70,9 @@ def connect(
     url: str | None = None, *, asyncio: Literal[False] = False, **options: Any
 ) -> redis.Redis: ...
 @overload
-def connect(url: str | None = None, *, asyncio: Literal[True], **options: Any) -> redis.asyncio.Redis: ...
+def connect(
+    url: str | None = None, *, asyncio: Literal[True], **options: Any
+) -> redis.asyncio.Redis: ...
 def connect(
     url: str | None = None, *, asyncio: bool = False, **options: Any
 ) -> redis.Redis | redis.asyncio.Redis:
@@ -96,13 +98,20 @@ def connect(
             + ", ".join(f"{s}://" for s in _SCHEMES)
         )
     query = parse_qs(parts.query)
+    tls_options = sorted(k for k in (*query, *options) if k.startswith("ssl"))
+    if tls_options and parts.scheme not in ("rediss", "valkeys"):
+        raise ConfigError(
+            f"TLS option(s) {', '.join(tls_options)} need a rediss:// URL, got {shown}"
+        )
     if any(v.lower() == "none" for v in query.get("ssl_cert_reqs", [])):
         log.warning("TLS certificate verification is OFF for %s (ssl_cert_reqs=none)", shown)
     cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
     try:
         client = cls.from_url(url, **_safe_options(options))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"bad Redis URL or option for {shown}: {_scrub(str(exc), parts)}") from None
+        raise ConfigError(
+            f"bad Redis URL or option for {shown}: {_scrub(str(exc), parts)}"
+        ) from None
     return client  # type: ignore[no-any-return]
 
 

@@ -24,7 +24,7 @@ from conveyor._core.machine import ConsumerMachine, ReadPlan
 from conveyor._core.scripts import REMOVE_IF_IDLE
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, reader_connection
-from conveyor.errors import ConfigError, GroupMissingError, ServerError
+from conveyor.errors import ConfigError, ServerError
 from conveyor.models import Batch, Message
 
 __all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
@@ -211,10 +211,12 @@ class _ConsumerBase:
 class Consumer(_ConsumerBase):
     """Reads batches from one or more streams as one consumer of a group.
 
-    >>> c = Consumer(r, "orders", group="billing", batch_size=100, max_wait_ms=1000)  # doctest: +SKIP
-    >>> for msg in c.get_batch():                                                    # doctest: +SKIP
-    ...     handle(msg.fields)
-    ...     c.ack(msg)
+    Example (``r`` is a client from ``conveyor.connect()``)::
+
+        c = Consumer(r, "orders", group="billing", batch_size=100, max_wait_ms=1000)
+        for msg in c.get_batch():
+            handle(msg.fields)
+            c.ack(msg)
 
     Not thread-safe: drive one Consumer from one thread (``stop()`` is the exception).
     """
@@ -381,5 +383,3 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _setup(self) -> None:
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._machine.setup_commands()))
-
-

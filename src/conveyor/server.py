@@ -131,9 +131,7 @@ class EmbeddedServer:
                 return self
             time.sleep(0.02)
         self.stop()
-        raise ServerNotFound(
-            f"{self.binary} did not start on port {self.port}: {self._log_tail()}"
-        )
+        raise ServerNotFound(f"{self.binary} did not start on port {self.port}: {self._log_tail()}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""

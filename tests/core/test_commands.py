@@ -114,7 +114,13 @@ def test_xadd_retention() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "needle"),
-    [({"a": None}, "'a'"), ({"a": True}, "bool"), ({"a": [1]}, "list"), ({1: "x"}, "1"), ({}, "empty")],
+    [
+        ({"a": None}, "'a'"),
+        ({"a": True}, "bool"),
+        ({"a": [1]}, "list"),
+        ({1: "x"}, "1"),
+        ({}, "empty"),
+    ],
 )
 def test_bad_fields_name_the_field(fields: Any, needle: str) -> None:
     with pytest.raises(FieldTypeError, match=needle):
@@ -128,7 +134,9 @@ def test_error_code() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.integers(0, 2**40), st.dictionaries(st.text(min_size=1), st.text(), min_size=1)),
+        st.tuples(
+            st.integers(0, 2**40), st.dictionaries(st.text(min_size=1), st.text(), min_size=1)
+        ),
         max_size=20,
     ),
     st.booleans(),

@@ -27,7 +27,9 @@ def test_own_pending_entries_come_first_with_their_delivery_counts() -> None:
     assert plan is not None and plan.pending and plan.block_ms is None
     read, pending = plan.commands
     assert read[-1] == "0" and pending[0] == "XPENDING"
-    m.feed(plan, [entries("s", 1, 3), [["1-0", "c", 9, 2], ["2-0", "c", 9, 2], ["3-0", "c", 9, 5]]], 1)
+    m.feed(
+        plan, [entries("s", 1, 3), [["1-0", "c", 9, 2], ["2-0", "c", 9, 2], ["3-0", "c", 9, 5]]], 1
+    )
     # fewer than asked: the own pending list is exhausted, new entries next, blocking
     plan = m.next_read(now_ms=1)
     assert plan is not None and not plan.pending

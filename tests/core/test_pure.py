@@ -11,8 +11,8 @@ import conveyor
 from conveyor import ConfigError
 from conveyor._keys import dead_letter_key
 from conveyor.config import ConsumerConfig, ProducerConfig
-from conveyor.consumer import default_consumer_name
 from conveyor.connection import redact_url
+from conveyor.consumer import default_consumer_name
 
 SRC = Path(conveyor.__file__).parent
 FORBIDDEN = {"redis", "asyncio", "time", "socket", "threading", "hiredis"}
@@ -41,7 +41,9 @@ def test_core_imports_no_io_at_all() -> None:
             assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
             if name.startswith("conveyor."):
                 target = SRC.joinpath(*name.split(".")[1:])
-                todo.append(target / "__init__.py" if target.is_dir() else target.with_suffix(".py"))
+                todo.append(
+                    target / "__init__.py" if target.is_dir() else target.with_suffix(".py")
+                )
     assert len(seen) > 4
 
 

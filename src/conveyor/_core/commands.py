@@ -220,13 +220,10 @@ def parse_read(
                 continue
             if type(flat) is list and (encoding is None) is (type(flat[0]) is bytes):
                 it = iter(flat)
-                fields = dict(zip(it, it))
+                fields = dict(zip(it, it, strict=False))
             else:
                 fields = convert_fields(flat, encoding)
-            if counts_by_id is not None:
-                count = counts_by_id.get(msg_id, 1)
-            else:
-                count = fixed
+            count = counts_by_id.get(msg_id, 1) if counts_by_id is not None else fixed
             out.append(Message(stream, msg_id, fields, count))
         result.last_ids[stream] = last
         result.counts[stream] = len(entries)

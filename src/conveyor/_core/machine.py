@@ -59,7 +59,7 @@ class ConsumerMachine:
             self._names[s] = s
             self._names[s.encode("utf-8", "surrogateescape")] = s
         # Cursor into our own pending list per stream still in the *pending* state.
-        self._pending_after: dict[str, str] = {s: "0" for s in config.streams}
+        self._pending_after: dict[str, str] = dict.fromkeys(config.streams, "0")
         self._buffer: list[Message] = []
         self._deadline_ms = 0
         self._reads = 0
@@ -118,7 +118,7 @@ class ConsumerMachine:
     def reply_lost(self) -> None:
         """A reply may have been lost: what the server delivered is only in our pending list."""
         self._buffer = []
-        self._pending_after = {s: "0" for s in self.config.streams}
+        self._pending_after = dict.fromkeys(self.config.streams, "0")
 
     def group_recreated(self) -> None:
         """The group was created again after NOGROUP; its pending list starts empty."""
@@ -126,7 +126,9 @@ class ConsumerMachine:
 
     def setup_commands(self) -> list[cmd.Command]:
         """Create the group on every stream (``BUSYGROUP`` in reply means it exists: fine)."""
-        return [cmd.xgroup_create(s, self.config.group, self.config.start) for s in self.config.streams]
+        return [
+            cmd.xgroup_create(s, self.config.group, self.config.start) for s in self.config.streams
+        ]
 
     # -- internals -----------------------------------------------------------------------------
 
