@@ -120,12 +120,16 @@ def _scrub(text: str, parts: Any) -> str:
     return text.replace(password, "***") if password else text
 
 
-def reader_connection(client: Any, *, encoding: str | None, read_timeout_s: float) -> Any:
+def reader_connection(
+    client: Any, *, encoding: str | None, read_timeout_s: float, name: str | None = None
+) -> Any:
     """A new connection, configured like ``client``'s pool, for one consumer's blocking reads.
 
     It decodes replies itself (hiredis, in C) as the consumer asked, whatever the client's
     ``decode_responses``; undecodable bytes survive as surrogate escapes instead of breaking the
-    read (an error there would strand the entries it delivered). Works for sync and asyncio
+    read (an error there would strand the entries it delivered). ``name`` becomes the
+    connection's CLIENT SETNAME (``conveyor:<name>``), so ``CLIENT LIST`` shows which consumer a
+    connection serves. Works for sync and asyncio
     clients alike: the pool says which connection class to use.
     """
     pool = getattr(client, "connection_pool", None)
@@ -144,6 +148,9 @@ def reader_connection(client: Any, *, encoding: str | None, read_timeout_s: floa
         retry=_no_retry(),
         health_check_interval=0,
     )
+    if name is not None:
+        safe = "".join(ch if ch.isprintable() and ch != " " else "_" for ch in name)
+        kwargs["client_name"] = "conveyor:" + safe
     return pool.connection_class(**kwargs)
 
 

@@ -82,7 +82,10 @@ class _ConsumerBase:
         self.client = client
         self._machine = ConsumerMachine(self.config)
         self._reader = reader_connection(
-            client, encoding=encoding, read_timeout_s=max_wait_ms / 1000 + READ_MARGIN_S
+            client,
+            encoding=encoding,
+            read_timeout_s=max_wait_ms / 1000 + READ_MARGIN_S,
+            name=self.config.consumer,
         )
         self._ready = False
         self._closed = False
