@@ -35,10 +35,10 @@ def test_a_killed_reader_connection_loses_nothing(
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             for client in r.client_list():
-                if client["name"] == "conveyor:victim" and client["cmd"] == "xreadgroup":
-                    if "b" in client["flags"]:  # blocked on the server: kill it now
-                        r.client_kill_filter(_id=client["id"])
-                        return
+                mine = client["name"] == "conveyor:victim" and client["cmd"] == "xreadgroup"
+                if mine and "b" in client["flags"]:  # blocked on the server: kill it now
+                    r.client_kill_filter(_id=client["id"])
+                    return
             time.sleep(0.005)
 
     killer = threading.Thread(target=kill_reader_when_blocked)

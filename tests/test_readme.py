@@ -16,5 +16,5 @@ def test_readme_python_examples_run(monkeypatch: pytest.MonkeyPatch, redis_url: 
     assert len(blocks) >= 3
     namespace: dict[str, object] = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(block, str(README), "exec"), namespace)
     namespace["r"].delete("orders", "clicks")  # type: ignore[attr-defined]

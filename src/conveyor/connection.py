@@ -156,11 +156,14 @@ def reader_connection(
 
 def describe(client_or_conn: Any) -> str:
     """``host:port`` (or socket path) of a client or connection, never with credentials."""
-    target = client_or_conn
-    pool = getattr(target, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", None) or getattr(target, "__dict__", {})
-    if kwargs.get("path"):
-        return str(kwargs["path"])
-    host = kwargs.get("host", "?")
-    port = kwargs.get("port", "?")
-    return f"{host}:{port}"
+    pool = getattr(client_or_conn, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if kwargs is not None:  # a client: what its pool connects to
+        path, host, port = kwargs.get("path"), kwargs.get("host"), kwargs.get("port")
+    else:  # a connection
+        path = getattr(client_or_conn, "path", None)
+        host = getattr(client_or_conn, "host", None)
+        port = getattr(client_or_conn, "port", None)
+    if path:
+        return str(path)
+    return f"{host or '?'}:{port or '?'}"

@@ -122,7 +122,11 @@ class EmbeddedServer:
         ]  # fmt: skip
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # A session of its own: a Ctrl-C at the terminal reaches the program, which then shuts
+        # down in order, and not the server under it.
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -130,8 +134,9 @@ class EmbeddedServer:
             if _ping(self.port):
                 return self
             time.sleep(0.02)
-        self.stop()
-        raise ServerNotFound(f"{self.binary} did not start on port {self.port}: {self._log_tail()}")
+        tail = self._log_tail()
+        self.close()  # nothing left behind: no process, no data directory
+        raise ServerNotFound(f"{self.binary} did not start on port {self.port}: {tail}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""

@@ -1,0 +1,198 @@
+"""The ``conveyor`` command line: click commands that parse options and call the library.
+
+Commands that talk to Redis share their connection options through ``redis_options``. Every
+failure a user can cause ends as one ``error: ...`` line on stderr and exit code 1, never a
+traceback (``-vv`` logs it). Logging is configured here, and only here: the library never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import IO, Any, TextIO, TypeVar
+from urllib.parse import urlsplit
+
+import click
+import redis
+from redis.exceptions import RedisError
+
+import conveyor
+from conveyor.connection import DEFAULT_URL, redact_url
+from conveyor.errors import ConveyorError
+
+__all__ = ["CliError", "main", "open_client", "redis_options"]
+
+log = logging.getLogger("conveyor.cli")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: ctx.meta key: passwords seen in --url, scrubbed from any error message shown
+_SECRETS = "conveyor.secrets"
+#: exit code of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT), as shells report it
+EXIT_INTERRUPTED = 130
+
+
+class CliError(click.ClickException):
+    """A failure the user can fix: shown as one ``error: ...`` line on stderr, exit code 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+
+
+def _one_line(exc: BaseException, secrets: set[str]) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class _Group(click.Group):
+    """A click group that turns conveyor, Redis and OS errors into one ``error:`` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConveyorError, RedisError, OSError) as exc:
+            log.debug("command failed", exc_info=True)
+            raise CliError(_one_line(exc, ctx.meta.get(_SECRETS, set()))) from None
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to ``sys.stderr`` as it is at each record, so log lines print above a live
+    progress display (which swaps ``sys.stderr`` for a proxy while it runs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logger = logging.getLogger("conveyor")
+    for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(old)
+    handler = _StderrHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(
+    conveyor.__version__, "-V", "--version", prog_name="conveyor", message="%(prog)s %(version)s"
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log more on stderr: -v for INFO, -vv for DEBUG (default: warnings and errors).",
+)
+def main(verbose: int) -> None:
+    """Reliable batch processing on Redis Streams consumer groups.
+
+    Commands that talk to Redis take --url; without it they use the REDIS_URL environment
+    variable. Errors print one line on stderr and exit with code 1.
+
+    \b
+    Example:
+      conveyor demo --messages 10000 --consumers 4
+    """
+    _configure_logging(verbose)
+
+
+# -- shared options ----------------------------------------------------------------------------
+
+
+def _remember_secret(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        with suppress(ValueError):
+            password = urlsplit(value).password
+            if password:
+                ctx.meta.setdefault(_SECRETS, set()).add(password)
+    return value
+
+
+def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
+    """Add the options shared by every command that talks to Redis (``--url``).
+
+    ``fallback`` is what the help names as used when neither --url nor REDIS_URL is set.
+
+    >>> @main.command()          # doctest: +SKIP
+    ... @redis_options()
+    ... def ping(url: str | None) -> None: ...
+    """
+    options = [
+        click.option(
+            "-u",
+            "--url",
+            metavar="URL",
+            envvar="REDIS_URL",
+            callback=_remember_secret,
+            help=(
+                "Redis server URL: redis://[user:password@]host:port/db, rediss:// for TLS, "
+                f"unix:///path. Default: the REDIS_URL environment variable, else {fallback}."
+            ),
+        ),
+    ]
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def open_client(url: str | None) -> redis.Redis:
+    """A client for ``url`` (see ``conveyor.connect``) that has answered PING.
+
+    A server that cannot be reached raises CliError naming the URL, without its password.
+
+    >>> client = open_client("redis://localhost:6379/0")   # doctest: +SKIP
+    """
+    client = conveyor.connect(url)
+    try:
+        client.ping()
+    except RedisError as exc:
+        log.debug("PING failed", exc_info=True)
+        client.close()
+        shown = redact_url(url or DEFAULT_URL)
+        raise CliError(f"cannot connect to {shown}: {_one_line(exc, set())}") from None
+    return client
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the command like Ctrl-C does, so it cleans up too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_embedded_server() -> conveyor.EmbeddedServer:
+    """Start the embedded server; it runs in a session of its own, so a Ctrl-C at the terminal
+    leaves it running until the consumers have left, and it is then stopped by its pid."""
+    server = conveyor.EmbeddedServer()
+    server.start()
+    log.info("started %s, pid %s, at %s", server.binary.name, server.pid, server.url)
+    return server
+
+
+# Each command module registers itself on ``main`` when imported.
+from conveyor.cli import demo as _demo  # noqa: E402, F401
