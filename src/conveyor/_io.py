@@ -8,7 +8,7 @@ connection is closed and raised as ConnectionLost.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,7 +28,26 @@ def lost(conn_or_client: Any, exc: BaseException) -> ConnectionLost:
     return ConnectionLost(f"connection to {describe(conn_or_client)} lost: {exc}")
 
 
+_hiredis_pack: Callable[[Command], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency, but stay usable without it
+    _hiredis_pack = None
+
+_UTF8 = ("utf-8", "utf8")
+
+
 def _packed(conn: Any, commands: Sequence[Command]) -> Any:
+    """The wire bytes of ``commands``: packed in C by hiredis where the result is identical
+    (str encoded as UTF-8), else by redis-py's packer (three to ten times slower)."""
+    if _hiredis_pack is not None and conn.encoder.encoding in _UTF8:
+        try:
+            # redis-py sends a list of chunks
+            if len(commands) == 1:
+                return [_hiredis_pack(commands[0])]
+            return [b"".join([_hiredis_pack(c) for c in commands])]
+        except TypeError:
+            pass  # a value hiredis does not take (e.g. a memoryview): let redis-py pack it
     if len(commands) == 1:
         return conn.pack_command(*commands[0])
     return conn.pack_commands(commands)

@@ -141,6 +141,10 @@ class _ConsumerBase:
             raise RuntimeError(f"consumer {self.name!r} is closed")
 
     def _ack_commands(self, messages: Iterable[Message]) -> list[cmd.Command]:
+        if type(messages) is Batch and messages._acker is self and len(self.streams) == 1:
+            # A batch this consumer read from its one stream: checked when it was made.
+            batch_ids = [m.id for m in messages]
+            return [cmd.xack(self.streams[0], self.group, batch_ids)] if batch_ids else []
         by_stream: dict[str, list[str]] = {}
         for msg in messages:
             if not isinstance(msg, Message):

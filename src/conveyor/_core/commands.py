@@ -209,6 +209,14 @@ def parse_read(
         if not entries:
             result.counts[stream] = 0
             continue
+        result.counts[stream] = len(entries)
+        if counts_by_id is None and _plain(entries, encoding):
+            # The hot path: new entries, already decoded as asked, none deleted.
+            for msg_id, flat in entries:
+                it = iter(flat)
+                out.append(Message(stream, msg_id, dict(zip(it, it, strict=False)), fixed))
+            result.last_ids[stream] = entries[-1][0]
+            continue
         last = ""
         for entry in entries:
             raw_id, flat = entry[0], entry[1]
@@ -226,8 +234,20 @@ def parse_read(
             count = counts_by_id.get(msg_id, 1) if counts_by_id is not None else fixed
             out.append(Message(stream, msg_id, fields, count))
         result.last_ids[stream] = last
-        result.counts[stream] = len(entries)
     return result
+
+
+def _plain(entries: Any, encoding: str | None) -> bool:
+    """True when every entry is ``[str id, non-empty flat list]`` of the wanted kind: then no
+    per-entry conversion is needed. Checks the kinds once, on the first entry; a reply is
+    uniform (one connection decodes all of it or none)."""
+    first = entries[0]
+    flat = first[1]
+    if type(first[0]) is not str or type(flat) is not list or not flat:
+        return False
+    if (encoding is None) is not (type(flat[0]) is bytes):
+        return False
+    return all(e[1] for e in entries)
 
 
 def parse_pending_counts(reply: Any) -> dict[str, int]:
