@@ -6,7 +6,10 @@ and its dead-letter stream together also run on a Redis Cluster.
 
 from __future__ import annotations
 
-__all__ = ["dead_letter_key", "hash_tag"]
+__all__ = ["PROVENANCE_PREFIX", "dead_letter_key", "hash_tag", "heartbeat_key"]
+
+#: Fields a dead-letter entry adds to the message's own: conveyor.origin_stream, ...
+PROVENANCE_PREFIX = "conveyor."
 
 
 def hash_tag(stream: str) -> str:
@@ -37,3 +40,12 @@ def dead_letter_key(stream: str) -> str:
     ('{orders}:dead', '{shop}orders:dead')
     """
     return _derived(stream, "dead")
+
+
+def heartbeat_key(stream: str, group: str) -> str:
+    """The hash of a group's heartbeats on ``stream``: consumer -> last beat (server ms).
+
+    >>> heartbeat_key("orders", "billing")
+    '{orders}:heartbeats:billing'
+    """
+    return _derived(stream, f"heartbeats:{group}")

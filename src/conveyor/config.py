@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from conveyor._keys import dead_letter_key
 from conveyor.errors import ConfigError
 
 __all__ = ["ConsumerConfig", "ProducerConfig"]
@@ -48,6 +49,11 @@ class ConsumerConfig:
     claim_idle_ms: int = 60_000
     max_deliveries: int = 5
     dead_letter: str | None = None
+    #: how often a consumer says it is alive and renews its in-flight entries; None: derived
+    heartbeat_ms: int | None = None
+    #: the first retry of a failed message waits this long, doubling per delivery up to the max
+    retry_backoff_ms: int = 1_000
+    retry_backoff_max_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -60,7 +66,7 @@ class ConsumerConfig:
         _check_name("consumer", self.consumer)
         _check_int("batch_size", self.batch_size, 1, 1_000_000)
         _check_int("max_wait_ms", self.max_wait_ms, 0, 86_400_000)
-        _check_int("claim_idle_ms", self.claim_idle_ms, 1)
+        _check_int("claim_idle_ms", self.claim_idle_ms, 20)
         _check_int("max_deliveries", self.max_deliveries, 1)
         if not isinstance(self.start, str) or not (self.start == "$" or _is_stream_id(self.start)):
             raise ConfigError(
@@ -70,6 +76,29 @@ class ConsumerConfig:
             _check_encoding(self.encoding)
         if self.dead_letter is not None:
             _check_name("dead_letter", self.dead_letter)
+            if self.dead_letter in self.streams:
+                raise ConfigError(f"dead_letter {self.dead_letter!r} is one of the streams read")
+        if self.heartbeat_ms is None:
+            object.__setattr__(self, "heartbeat_ms", max(10, min(5_000, self.claim_idle_ms // 3)))
+        _check_int("heartbeat_ms", self.heartbeat_ms, 10)
+        assert self.heartbeat_ms is not None
+        if self.heartbeat_ms * 2 > self.claim_idle_ms:
+            raise ConfigError(
+                f"heartbeat_ms ({self.heartbeat_ms}) must be at most half of claim_idle_ms "
+                f"({self.claim_idle_ms}), or live consumers' entries look idle and are taken"
+            )
+        _check_int("retry_backoff_ms", self.retry_backoff_ms, 0)
+        _check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """``heartbeat_ms`` resolved (never None after creation)."""
+        assert self.heartbeat_ms is not None
+        return self.heartbeat_ms
+
+    def dead_letter_for(self, stream: str) -> str:
+        """Where messages of ``stream`` go when given up on."""
+        return self.dead_letter if self.dead_letter is not None else dead_letter_key(stream)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any, overload
 
 from conveyor.errors import PayloadError
 
-__all__ = ["PAYLOAD_FIELD", "Batch", "Fields", "Message"]
+__all__ = ["ACK", "DEAD", "FAIL", "PAYLOAD_FIELD", "Batch", "Fields", "Message", "describe_error"]
 
 #: The field that holds a codec-encoded payload (``Producer(codec="json")``).
 PAYLOAD_FIELD = "payload"
@@ -83,18 +83,34 @@ class Message:
             ) from None
 
 
+#: How a handler settled a message of a Batch in ``run()`` mode.
+ACK, FAIL, DEAD = "ack", "fail", "dead"
+
+
 class Batch(Sequence[Message]):
     """The messages one ``get_batch()`` returned, in delivery order.
 
-    A Batch is a sequence (``len``, index, iterate) and remembers the consumer that read it, so
-    ``batch.ack(msg)`` and ``batch.ack_all()`` work where only the batch is at hand.
+    A Batch is a sequence (``len``, index, iterate) that remembers the consumer that read it, so
+    a handler can settle each message where only the batch is at hand:
+
+    - ``batch.ack(msg)``: done with it;
+    - ``batch.fail(msg, error)``: it comes back after a backoff (or goes to the dead-letter
+      stream once it has been delivered ``max_deliveries`` times);
+    - ``batch.dead_letter(msg, reason)``: give up on it now.
+
+    Inside ``Consumer.run(handler)`` these only record the outcome; the consumer sends all acks
+    of the batch in one round trip after the handler returns, and fails every message the
+    handler did not settle. With ``get_batch()`` they act at once, through the consumer.
     """
 
-    __slots__ = ("_acker", "_messages")
+    __slots__ = ("_acker", "_messages", "_outcomes")
 
-    def __init__(self, messages: list[Message], acker: Any = None) -> None:
+    def __init__(self, messages: list[Message], acker: Any = None, *, deferred: bool = False):
         self._messages = messages
         self._acker = acker
+        self._outcomes: dict[tuple[str, str], tuple[str, str | None]] | None = (
+            {} if deferred else None
+        )
 
     @overload
     def __getitem__(self, index: int) -> Message: ...
@@ -118,14 +134,47 @@ class Batch(Sequence[Message]):
         return [m.id for m in self._messages]
 
     def ack(self, msg: Message) -> Any:
-        """Acknowledge one message through the consumer that read the batch."""
+        """Acknowledge one message."""
+        if self._outcomes is not None:
+            self._outcomes[(msg.stream, msg.id)] = (ACK, None)
+            return None
         return self._consumer().ack(msg)
 
     def ack_all(self) -> Any:
-        """Acknowledge every message of the batch in one round trip per stream."""
+        """Acknowledge every message of the batch (one round trip per stream)."""
+        if self._outcomes is not None:
+            for msg in self._messages:
+                self._outcomes[(msg.stream, msg.id)] = (ACK, None)
+            return None
         return self._consumer().ack_many(self._messages)
+
+    def fail(self, msg: Message, error: BaseException | str | None = None) -> Any:
+        """Processing failed: retry after a backoff, or dead-letter at ``max_deliveries``."""
+        if self._outcomes is not None:
+            self._outcomes[(msg.stream, msg.id)] = (FAIL, describe_error(error))
+            return None
+        return self._consumer().fail(msg, error)
+
+    def dead_letter(self, msg: Message, reason: BaseException | str | None = None) -> Any:
+        """Give up on a message: move it to the dead-letter stream now."""
+        if self._outcomes is not None:
+            self._outcomes[(msg.stream, msg.id)] = (DEAD, describe_error(reason))
+            return None
+        return self._consumer().dead_letter(msg, reason)
+
+    def outcome(self, msg: Message) -> tuple[str, str | None] | None:
+        """``(ack|fail|dead, reason)`` recorded for ``msg`` in ``run()`` mode, or None."""
+        return None if self._outcomes is None else self._outcomes.get((msg.stream, msg.id))
 
     def _consumer(self) -> Any:
         if self._acker is None:
             raise RuntimeError("this Batch was not read by a consumer; ack through the consumer")
         return self._acker
+
+
+def describe_error(error: BaseException | str | None) -> str:
+    """The text a dead-letter entry keeps of an error: ``Type: message``, at most 2,000 chars."""
+    if error is None:
+        return ""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return text[:2000]

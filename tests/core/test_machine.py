@@ -16,6 +16,16 @@ def machine(**kw: Any) -> ConsumerMachine:
     return ConsumerMachine(ConsumerConfig(group="g", consumer="c", **kw))
 
 
+EMPTY_RECLAIM = ["0-0", [], [], [], []]
+
+
+def skip_reclaim(m: ConsumerMachine, now_ms: int) -> None:
+    """Answer the reclaim round that opens a consumer's first batch: nothing to take."""
+    plan = m.next_read(now_ms)
+    assert plan is not None and plan.kind == "reclaim"
+    m.feed(plan, [EMPTY_RECLAIM] * len(plan.commands), now_ms)
+
+
 def entries(stream: str, first: int, n: int) -> list[Any]:
     return [[stream, [[f"{i}-0", ["n", str(i)]] for i in range(first, first + n)]]]
 
@@ -30,7 +40,8 @@ def test_own_pending_entries_come_first_with_their_delivery_counts() -> None:
     m.feed(
         plan, [entries("s", 1, 3), [["1-0", "c", 9, 2], ["2-0", "c", 9, 2], ["3-0", "c", 9, 5]]], 1
     )
-    # fewer than asked: the own pending list is exhausted, new entries next, blocking
+    # fewer than asked: the own pending list is exhausted; a reclaim round, then new entries
+    skip_reclaim(m, now_ms=1)
     plan = m.next_read(now_ms=1)
     assert plan is not None and not plan.pending
     assert plan.commands[0][-1] == ">" and plan.block_ms == 999
@@ -59,6 +70,7 @@ def test_batch_returns_when_full_without_waiting() -> None:
     plan = m.next_read(0)
     assert plan is not None
     m.feed(plan, [None, []], 0)
+    skip_reclaim(m, 0)
     plan = m.next_read(0)
     assert plan is not None
     m.feed(plan, [entries("s", 1, 3)], 5)
@@ -71,6 +83,7 @@ def test_partial_batch_keeps_blocking_for_the_rest_of_the_wait() -> None:
     plan = m.next_read(0)
     assert plan is not None
     m.feed(plan, [None, []], 0)
+    skip_reclaim(m, 0)
     plan = m.next_read(0)
     assert plan is not None
     m.feed(plan, [entries("s", 1, 4)], 200)
@@ -84,6 +97,7 @@ def test_zero_wait_reads_once_without_blocking() -> None:
     m = machine(max_wait_ms=0, start="$")
     m.group_recreated()  # no pending phase
     m.begin_batch(0)
+    skip_reclaim(m, 0)
     plan = m.next_read(0)
     assert plan is not None and plan.block_ms is None
     m.feed(plan, [None], 0)
@@ -94,6 +108,7 @@ def test_lost_reply_goes_back_to_the_own_pending_list() -> None:
     m = machine()
     m.group_recreated()
     m.begin_batch(0)
+    skip_reclaim(m, 0)
     plan = m.next_read(0)
     assert plan is not None and not plan.pending
     m.reply_lost()
@@ -127,6 +142,7 @@ def test_several_streams_never_overfill_a_batch(
     next_id = 0
     m.begin_batch(0)
     now = 0
+    skip_reclaim(m, now)
     while (plan := m.next_read(now)) is not None:
         read = plan.commands[0]
         count = read[5]

@@ -8,10 +8,17 @@ A driver (sync or asyncio) runs the same loop::
         machine.feed(plan, replies, now_ms)
     messages = machine.end_batch()
 
-States per stream: *pending* (re-reading this consumer's own pending entries from id ``0``,
-as after a restart or a lost reply) and then *new* (``>``). A lost connection puts every
-stream back into *pending*, because entries the server delivered but we never saw are only
-found again there.
+A batch is filled, in this order, from:
+
+1. *pending*: this consumer's own pending entries, re-read from id ``0`` after a start or a
+   lost reply (entries the server delivered but we never saw are only found there);
+2. *take back*: its own failed entries whose retry backoff is over;
+3. *reclaim*: every ``heartbeat_ms``, entries of consumers whose heartbeat stopped, then
+   entries idle for ``claim_idle_ms`` (XAUTOCLAIM, its cursor kept across rounds);
+4. *new*: ``>``, blocking on the server for what is left of ``max_wait_ms``.
+
+Messages delivered more than ``max_deliveries`` times without being settled (their consumers
+died on them) are set aside for the dead-letter stream instead of being handed out again.
 """
 
 from __future__ import annotations
@@ -21,25 +28,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor._core import commands as cmd
+from conveyor._core import policy, scripts
+from conveyor._keys import heartbeat_key
 from conveyor.config import ConsumerConfig
 from conveyor.models import Message
 
-__all__ = ["ConsumerMachine", "ReadPlan"]
+__all__ = ["NEW", "PENDING", "RECLAIM", "TAKE_BACK", "ConsumerMachine", "ReadPlan"]
+
+PENDING, TAKE_BACK, RECLAIM, NEW = "pending", "take_back", "reclaim", "new"
+
+#: most entries one claim asks for (Lua unpacks them onto a bounded stack)
+MAX_CLAIM = 1_000
 
 
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
-    """One round trip: the commands to pipeline and how long the read may block."""
+    """One round trip: the commands to pipeline, what they are for, how long they may block."""
 
     commands: tuple[cmd.Command, ...]
     streams: tuple[str, ...]
-    pending: bool
+    kind: str
     block_ms: int | None
 
     @property
-    def timeout_ms(self) -> int:
-        """How long to wait for the replies before the connection counts as dead."""
-        return (self.block_ms or 0) + 10_000
+    def pending(self) -> bool:
+        return self.kind == PENDING
 
 
 class ConsumerMachine:
@@ -60,22 +73,34 @@ class ConsumerMachine:
             self._names[s.encode("utf-8", "surrogateescape")] = s
         # Cursor into our own pending list per stream still in the *pending* state.
         self._pending_after: dict[str, str] = dict.fromkeys(config.streams, "0")
+        self._claim_cursor: dict[str, str] = dict.fromkeys(config.streams, "0-0")
+        self._next_reclaim_ms = 0
+        self._retry_due: dict[tuple[str, str], int] = {}
         self._buffer: list[Message] = []
+        self._overdue: list[Message] = []
         self._deadline_ms = 0
-        self._reads = 0
+        self._new_reads = 0
         self._rotation = 0
         self._drops: list[tuple[str, str]] = []
+        self._heartbeat_timeout_ms = policy.heartbeat_timeout_ms(config.heartbeat_interval_ms)
         #: entries found deleted or trimmed while pending, dropped from the pending list
         self.deleted_count = 0
         #: messages handed to the user
         self.delivered_count = 0
+        #: entries taken over from other consumers (dead, or idle too long)
+        self.reclaimed_count = 0
+        #: failed messages delivered again after their backoff
+        self.retried_count = 0
+        #: dead consumers removed from the group by this consumer's reclaim rounds
+        self.removed_consumers: list[str] = []
 
     # -- batches -------------------------------------------------------------------------------
 
     def begin_batch(self, now_ms: int) -> None:
         self._buffer = []
-        self._reads = 0
+        self._new_reads = 0
         self._deadline_ms = now_ms + self.config.max_wait_ms
+        self._phase_done: set[str] = set()
 
     def next_read(self, now_ms: int) -> ReadPlan | None:
         """The next round trip of this batch, or None when the batch is complete."""
@@ -84,24 +109,36 @@ class ConsumerMachine:
             return None
         if self._pending_after:
             return self._pending_plan(remaining)
+        if TAKE_BACK not in self._phase_done:
+            self._phase_done.add(TAKE_BACK)
+            plan = self._take_back_plan(remaining, now_ms)
+            if plan is not None:
+                return plan
+        if RECLAIM not in self._phase_done and now_ms >= self._next_reclaim_ms:
+            self._phase_done.add(RECLAIM)
+            return self._reclaim_plan(remaining)
         wait_ms = self._deadline_ms - now_ms
-        if wait_ms <= 0 and self._reads > 0:
+        if wait_ms <= 0 and self._new_reads > 0:  # new entries are read at least once
             return None
-        streams, count = self._share(tuple(self.config.streams), remaining)
+        streams, count = self._share(self.config.streams, remaining)
         block = wait_ms if wait_ms > 0 else None
         read = cmd.xreadgroup(
             self.config.group, self.config.consumer, streams, (">",) * len(streams), count, block
         )
-        return ReadPlan((read,), streams, False, block)
+        return ReadPlan((read,), streams, NEW, block)
 
     def feed(self, plan: ReadPlan, replies: Sequence[Any], now_ms: int) -> None:
         """Absorb the replies of ``plan`` (errors must have been handled by the driver)."""
-        self._reads += 1
-        if plan.pending:
+        if plan.kind == NEW:  # first deliveries: nothing can be overdue, nothing deleted
+            self._new_reads += 1
+            result = cmd.parse_read(replies[0], self._names, self.config.encoding, 1)
+            self._buffer.extend(result.messages)
+        elif plan.kind == PENDING:
             self._feed_pending(plan, replies)
-            return
-        result = cmd.parse_read(replies[0], self._names, self.config.encoding, 1)
-        self._absorb(result)
+        elif plan.kind == RECLAIM:
+            self._feed_reclaim(plan, replies, now_ms)
+        else:
+            self._feed_take_back(plan, replies)
 
     def end_batch(self) -> list[Message]:
         batch, self._buffer = self._buffer, []
@@ -113,31 +150,58 @@ class ConsumerMachine:
         drops, self._drops = self._drops, []
         return drops
 
+    def take_overdue(self) -> list[Message]:
+        """Messages delivered more than ``max_deliveries`` times: dead-letter them."""
+        overdue, self._overdue = self._overdue, []
+        return overdue
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def retry_later(self, msg: Message, now_ms: int) -> int:
+        """A failed message stays pending and is taken back after its backoff; returns the
+        delay in ms."""
+        c = self.config
+        delay = policy.retry_delay_ms(msg.deliveries, c.retry_backoff_ms, c.retry_backoff_max_ms)
+        self._retry_due[(msg.stream, msg.id)] = now_ms + delay
+        return delay
+
+    def settled(self, stream: str, msg_id: str) -> None:
+        """Forget a scheduled retry of a message that has been acked or dead-lettered."""
+        self._retry_due.pop((stream, msg_id), None)
+
+    @property
+    def retries_waiting(self) -> int:
+        return len(self._retry_due)
+
     # -- faults --------------------------------------------------------------------------------
 
     def reply_lost(self) -> None:
         """A reply may have been lost: what the server delivered is only in our pending list."""
         self._buffer = []
         self._pending_after = dict.fromkeys(self.config.streams, "0")
+        # The own pending list is read again from the start, failed entries included.
+        self._retry_due.clear()
 
     def group_recreated(self) -> None:
         """The group was created again after NOGROUP; its pending list starts empty."""
         self._pending_after = {}
+        self._retry_due.clear()
+        self._claim_cursor = dict.fromkeys(self.config.streams, "0-0")
 
     def setup_commands(self) -> list[cmd.Command]:
         """Create the group on every stream (``BUSYGROUP`` in reply means it exists: fine)."""
-        return [
-            cmd.xgroup_create(s, self.config.group, self.config.start) for s in self.config.streams
-        ]
+        c = self.config
+        return [cmd.xgroup_create(s, c.group, c.start) for s in c.streams]
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _share(self, streams: tuple[str, ...], remaining: int) -> tuple[tuple[str, ...], int]:
+    def _share(self, streams: Sequence[str], remaining: int) -> tuple[tuple[str, ...], int]:
         """Which streams to read and the COUNT for each, so a batch never exceeds its size.
 
         COUNT applies per stream; with several streams the remaining room is shared, and when
         there is less room than streams, a rotating subset is read.
         """
+        streams = tuple(streams)
         n = len(streams)
         if n == 1:
             return streams, remaining
@@ -159,7 +223,7 @@ class ConsumerMachine:
             cmd.xpending_range(s, c.group, after, count, c.consumer)
             for s, after in zip(streams, ids, strict=True)
         )
-        return ReadPlan(tuple(commands), streams, True, None)
+        return ReadPlan(tuple(commands), streams, PENDING, None)
 
     def _feed_pending(self, plan: ReadPlan, replies: Sequence[Any]) -> None:
         counts: dict[str, int] = {}
@@ -169,15 +233,93 @@ class ConsumerMachine:
         self._absorb(result)
         count = int(plan.commands[0][5])
         for stream in plan.streams:
-            returned = result.counts.get(stream, 0)
-            if returned < count:
+            if result.counts.get(stream, 0) < count:
                 del self._pending_after[stream]  # own pending list read to its end
             else:
                 self._pending_after[stream] = result.last_ids[stream]
 
+    def _take_back_plan(self, remaining: int, now_ms: int) -> ReadPlan | None:
+        if not self._retry_due:
+            return None
+        due: dict[str, list[str]] = {}
+        room = min(remaining, MAX_CLAIM)
+        ordered = sorted(self._retry_due.items(), key=lambda kv: kv[1])
+        for (stream, msg_id), at in ordered[:room]:
+            if at > now_ms:
+                break
+            due.setdefault(stream, []).append(msg_id)
+        if not due:
+            return None
+        c = self.config
+        commands = []
+        for stream, ids in due.items():
+            for msg_id in ids:
+                del self._retry_due[(stream, msg_id)]
+            commands.append(("EVAL", scripts.TAKE_BACK, 1, stream, c.group, c.consumer, *ids))
+        return ReadPlan(tuple(commands), tuple(due), TAKE_BACK, None)
+
+    def _feed_take_back(self, plan: ReadPlan, replies: Sequence[Any]) -> None:
+        for stream, reply in zip(plan.streams, replies, strict=True):
+            entries, flat_counts = reply[0], reply[1]
+            result = self._parse_claimed(stream, entries, flat_counts)
+            self.retried_count += len(result.messages)
+            self._absorb(result)
+
+    def _reclaim_plan(self, remaining: int) -> ReadPlan:
+        c = self.config
+        streams, count = self._share(c.streams, remaining)
+        count = min(count, MAX_CLAIM)
+        commands = tuple(
+            (
+                "EVAL",
+                scripts.RECLAIM,
+                2,
+                s,
+                heartbeat_key(s, c.group),
+                c.group,
+                c.consumer,
+                self._heartbeat_timeout_ms,
+                c.claim_idle_ms,
+                self._claim_cursor[s],
+                count,
+            )
+            for s in streams
+        )
+        return ReadPlan(commands, streams, RECLAIM, None)
+
+    def _feed_reclaim(self, plan: ReadPlan, replies: Sequence[Any], now_ms: int) -> None:
+        claimed_any = False
+        for stream, reply in zip(plan.streams, replies, strict=True):
+            cursor, entries, deleted, flat_counts, removed = reply[:5]
+            self._claim_cursor[stream] = cmd.as_text(cursor)
+            result = self._parse_claimed(stream, entries, flat_counts)
+            if deleted:  # already dropped by the server; some we may have counted already
+                known = set(self._drops)
+                self.deleted_count += sum((stream, cmd.as_text(d)) not in known for d in deleted)
+            self.reclaimed_count += len(result.messages)
+            claimed_any = claimed_any or bool(result.messages)
+            self.removed_consumers.extend(cmd.as_text(x) for x in removed or ())
+            self._absorb(result)
+        # Keep going while there is more to take; otherwise look again after a heartbeat
+        # period, continuing from the cursor so entries behind busy ones are found too.
+        if not claimed_any:
+            self._next_reclaim_ms = now_ms + self.config.heartbeat_interval_ms
+
+    def _parse_claimed(self, stream: str, entries: Any, flat_counts: Any) -> cmd.ReadResult:
+        counts: dict[str, int] = {}
+        if flat_counts:
+            it = iter(flat_counts)
+            counts = {cmd.as_text(i): int(n) for i, n in zip(it, it, strict=False)}
+        return cmd.parse_read([[stream, entries or []]], self._names, self.config.encoding, counts)
+
     def _absorb(self, result: cmd.ReadResult) -> None:
         if result.messages:
-            self._buffer.extend(result.messages)
+            limit = self.config.max_deliveries
+            for msg in result.messages:
+                if policy.is_overdue(msg.deliveries, limit):
+                    self._overdue.append(msg)
+                else:
+                    self._buffer.append(msg)
         if result.deleted:
             self.deleted_count += len(result.deleted)
             self._drops.extend(result.deleted)
