@@ -103,7 +103,9 @@ for i = 4, #ARGV do
   end
 end
 if #mine > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine), 'JUSTID')
+  -- unpack() expands to every id only as the last argument: JUSTID goes into the table
+  mine[#mine + 1] = 'JUSTID'
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
 end
 return lost
 """
