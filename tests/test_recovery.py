@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import redis
 
 from conveyor import Batch, Consumer
@@ -153,7 +152,7 @@ def test_fail_and_dead_letter_outside_run(drivers: Drivers, r: redis.Redis, name
     c.fail(first, "try later")
     assert c.dead_letter(second, "unusable") is True
     assert c.dead_letter(second, "again") is False  # no longer ours
-    again = until(lambda: c.get_batch(), what="the failed message's retry")
+    again = until(c.get_batch, what="the failed message's retry")
     assert [(m.id, m.deliveries) for m in again] == [(first.id, 2)]
     c.ack(again[0])
     assert [d["conveyor.error"] for d in dead_letters(r, s)] == ["unusable"]
