@@ -5,6 +5,7 @@
 
 from conveyor.connection import connect
 from conveyor.consumer import AsyncConsumer, Consumer
+from conveyor.deadletter import AsyncDeadLetters, DeadLetter, DeadLetters
 from conveyor.errors import (
     ConfigError,
     ConnectionLost,
@@ -23,12 +24,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncConsumer",
+    "AsyncDeadLetters",
     "AsyncProducer",
     "Batch",
     "ConfigError",
     "ConnectionLost",
     "Consumer",
     "ConveyorError",
+    "DeadLetter",
+    "DeadLetters",
     "EmbeddedServer",
     "FieldTypeError",
     "GroupMissingError",

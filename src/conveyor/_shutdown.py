@@ -8,7 +8,6 @@ Signal handlers are installed only for the duration of ``run()``, and only in th
 
 from __future__ import annotations
 
-import _thread
 import logging
 import signal
 import threading
@@ -49,7 +48,13 @@ def graceful(name: str, stop: Callable[[], None], grace_period_ms: int) -> Itera
                 grace_period_ms,
             )
             stop()
-            timer = threading.Timer(grace_period_ms / 1000, _thread.interrupt_main)
+            # A real signal to the main thread: it interrupts a handler blocked in a system
+            # call, which _thread.interrupt_main() would only flag for later.
+            main_id = threading.main_thread().ident
+            assert main_id is not None
+            timer = threading.Timer(
+                grace_period_ms / 1000, signal.pthread_kill, (main_id, signal.SIGINT)
+            )
             timer.daemon = True
             timer.start()
             return

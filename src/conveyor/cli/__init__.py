@@ -196,3 +196,4 @@ def _start_embedded_server() -> conveyor.EmbeddedServer:
 
 # Each command module registers itself on ``main`` when imported.
 from conveyor.cli import demo as _demo  # noqa: E402, F401
+from conveyor.cli import dlq as _dlq  # noqa: E402, F401
