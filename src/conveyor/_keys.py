@@ -6,10 +6,7 @@ and its dead-letter stream together also run on a Redis Cluster.
 
 from __future__ import annotations
 
-__all__ = ["PROVENANCE_PREFIX", "dead_letter_key", "hash_tag", "heartbeat_key"]
-
-#: Fields a dead-letter entry adds to the message's own: conveyor.origin_stream, ...
-PROVENANCE_PREFIX = "conveyor."
+__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key"]
 
 
 def hash_tag(stream: str) -> str:

@@ -12,13 +12,20 @@ from typing import Literal
 from conveyor._keys import dead_letter_key
 from conveyor.errors import ConfigError
 
-__all__ = ["ConsumerConfig", "ProducerConfig"]
+__all__ = [
+    "ConsumerConfig",
+    "ProducerConfig",
+    "check_encoding",
+    "check_int",
+    "check_name",
+    "is_stream_id",
+]
 
 Codec = Literal["json"]
 _CODECS = ("json",)
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):
@@ -26,7 +33,7 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
         raise ConfigError(f"{name} must be >= {low}{upper}, got {value}")
 
 
-def _check_name(name: str, value: object) -> None:
+def check_name(name: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name} must be a non-empty str, got {value!r}")
 
@@ -59,36 +66,36 @@ class ConsumerConfig:
         if not self.streams:
             raise ConfigError("stream must name at least one stream")
         for s in self.streams:
-            _check_name("stream", s)
+            check_name("stream", s)
         if len(set(self.streams)) != len(self.streams):
             raise ConfigError(f"stream lists a stream twice: {list(self.streams)}")
-        _check_name("group", self.group)
-        _check_name("consumer", self.consumer)
-        _check_int("batch_size", self.batch_size, 1, 1_000_000)
-        _check_int("max_wait_ms", self.max_wait_ms, 0, 86_400_000)
-        _check_int("claim_idle_ms", self.claim_idle_ms, 20)
-        _check_int("max_deliveries", self.max_deliveries, 1)
-        if not isinstance(self.start, str) or not (self.start == "$" or _is_stream_id(self.start)):
+        check_name("group", self.group)
+        check_name("consumer", self.consumer)
+        check_int("batch_size", self.batch_size, 1, 1_000_000)
+        check_int("max_wait_ms", self.max_wait_ms, 0, 86_400_000)
+        check_int("claim_idle_ms", self.claim_idle_ms, 20)
+        check_int("max_deliveries", self.max_deliveries, 1)
+        if not isinstance(self.start, str) or not (self.start == "$" or is_stream_id(self.start)):
             raise ConfigError(
                 f"start must be '0', '$' or a stream id like '1700000000000-0', got {self.start!r}"
             )
         if self.encoding is not None:
-            _check_encoding(self.encoding)
+            check_encoding(self.encoding)
         if self.dead_letter is not None:
-            _check_name("dead_letter", self.dead_letter)
+            check_name("dead_letter", self.dead_letter)
             if self.dead_letter in self.streams:
                 raise ConfigError(f"dead_letter {self.dead_letter!r} is one of the streams read")
         if self.heartbeat_ms is None:
             object.__setattr__(self, "heartbeat_ms", max(10, min(5_000, self.claim_idle_ms // 3)))
-        _check_int("heartbeat_ms", self.heartbeat_ms, 10)
+        check_int("heartbeat_ms", self.heartbeat_ms, 10)
         assert self.heartbeat_ms is not None
         if self.heartbeat_ms * 2 > self.claim_idle_ms:
             raise ConfigError(
                 f"heartbeat_ms ({self.heartbeat_ms}) must be at most half of claim_idle_ms "
                 f"({self.claim_idle_ms}), or live consumers' entries look idle and are taken"
             )
-        _check_int("retry_backoff_ms", self.retry_backoff_ms, 0)
-        _check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
+        check_int("retry_backoff_ms", self.retry_backoff_ms, 0)
+        check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -117,11 +124,11 @@ class ProducerConfig:
     chunk: int = 500
 
     def __post_init__(self) -> None:
-        _check_name("stream", self.stream)
+        check_name("stream", self.stream)
         if self.maxlen is not None:
-            _check_int("maxlen", self.maxlen, 0)
+            check_int("maxlen", self.maxlen, 0)
         if self.minid is not None and not (
-            isinstance(self.minid, str) and _is_stream_id(self.minid)
+            isinstance(self.minid, str) and is_stream_id(self.minid)
         ):
             raise ConfigError(
                 f"minid must be a stream id like '1700000000000-0', got {self.minid!r}"
@@ -130,15 +137,15 @@ class ProducerConfig:
             raise ConfigError("give maxlen or minid, not both")
         if self.codec is not None and self.codec not in _CODECS:
             raise ConfigError(f"codec must be one of {_CODECS} or None, got {self.codec!r}")
-        _check_int("chunk", self.chunk, 1, 100_000)
+        check_int("chunk", self.chunk, 1, 100_000)
 
 
-def _is_stream_id(text: str) -> bool:
+def is_stream_id(text: str) -> bool:
     ms, _, seq = text.partition("-")
     return ms.isdigit() and (seq == "" or seq.isdigit())
 
 
-def _check_encoding(encoding: str) -> None:
+def check_encoding(encoding: str) -> None:
     import codecs
 
     try:

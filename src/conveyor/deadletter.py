@@ -28,13 +28,12 @@ from typing import Any, TypeVar, cast
 
 from redis.exceptions import ResponseError
 
-from conveyor import _io
+from conveyor import _io, models
 from conveyor._core import commands as cmd
-from conveyor._core.scripts import PROVENANCE_FIELDS
-from conveyor._keys import PROVENANCE_PREFIX, dead_letter_key
-from conveyor.config import _check_encoding, _check_int, _check_name, _is_stream_id
+from conveyor._keys import dead_letter_key
+from conveyor.config import check_encoding, check_int, check_name, is_stream_id
 from conveyor.errors import ConfigError, ConnectionLost, ServerError
-from conveyor.models import Fields
+from conveyor.models import PROVENANCE_FIELDS, Fields
 
 __all__ = [
     "PAGE_SIZE",
@@ -62,13 +61,13 @@ Where = Callable[["DeadLetter"], bool]
 OnProgress = Callable[[int, int], None]
 
 _PROVENANCE = frozenset(PROVENANCE_FIELDS)
-_ORIGIN_STREAM = PROVENANCE_PREFIX + "origin_stream"
-_ORIGIN_ID = PROVENANCE_PREFIX + "origin_id"
-_GROUP = PROVENANCE_PREFIX + "group"
-_CONSUMER = PROVENANCE_PREFIX + "consumer"
-_DELIVERIES = PROVENANCE_PREFIX + "deliveries"
-_ERROR = PROVENANCE_PREFIX + "error"
-_TIME = PROVENANCE_PREFIX + "time"
+_ORIGIN_STREAM = models.ORIGIN_STREAM
+_ORIGIN_ID = models.ORIGIN_ID
+_GROUP = models.GROUP
+_CONSUMER = models.CONSUMER
+_DELIVERIES = models.DELIVERIES
+_ERROR = models.ERROR
+_TIME = models.TIME
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,17 +168,17 @@ def matching(
     if error_contains is not None and not isinstance(error_contains, str):
         raise ConfigError(f"error_contains must be a str, got {error_contains!r}")
     if group is not None:
-        _check_name("group", group)
+        check_name("group", group)
     ids: frozenset[str] | None = None
     if origin_ids is not None:
         if isinstance(origin_ids, str | bytes):
             raise ConfigError(f"origin_ids must be a list of ids, not one {origin_ids!r}")
         ids = frozenset(origin_ids)
         for one in ids:
-            if not (isinstance(one, str) and _is_stream_id(one)):
+            if not (isinstance(one, str) and is_stream_id(one)):
                 raise ConfigError(f"origin_ids must hold stream ids like '1-0', got {one!r}")
     if before_ms is not None:
-        _check_int("before_ms", before_ms, 0)
+        check_int("before_ms", before_ms, 0)
     if error_contains is None and group is None and ids is None and before_ms is None:
         return None
 
@@ -276,11 +275,11 @@ class _DeadLettersBase:
         dead_letter: str | None = None,
         encoding: str | None = "utf-8",
     ) -> None:
-        _check_name("stream", stream)
+        check_name("stream", stream)
         if dead_letter is not None:
-            _check_name("dead_letter", dead_letter)
+            check_name("dead_letter", dead_letter)
         if encoding is not None:
-            _check_encoding(encoding)
+            check_encoding(encoding)
         pool = getattr(client, "connection_pool", None)
         if pool is None or not hasattr(pool, "get_connection"):
             raise ConfigError(
@@ -310,8 +309,8 @@ class _DeadLettersBase:
         return int(self._checked(replies[0], "XLEN"))
 
     def _list_plan(self, count: int, after: str | None) -> Plan[builtins.list[DeadLetter]]:
-        _check_int("count", count, 1, MAX_LIST_COUNT)
-        if after is not None and not (isinstance(after, str) and _is_stream_id(after)):
+        check_int("count", count, 1, MAX_LIST_COUNT)
+        if after is not None and not (isinstance(after, str) and is_stream_id(after)):
             raise ConfigError(f"after must be a stream id like '1700000000000-0', got {after!r}")
         replies = yield [_xrange(self.dead_letter, after, "+", count)]
         entries = parse_entries(self._checked(replies[0], "XRANGE"), self.encoding)
@@ -358,7 +357,7 @@ class _DeadLettersBase:
     ) -> Plan[ReplayResult]:
         _check_options(where, dry_run, on_progress)
         if limit is not None:
-            _check_int("limit", limit, 1)
+            check_int("limit", limit, 1)
         tally = _Tally()
 
         def replay_page(page: builtins.list[tuple[DeadLetter, builtins.list[Any]]]) -> Plan[bool]:

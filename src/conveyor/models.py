@@ -12,10 +12,30 @@ from typing import Any, overload
 
 from conveyor.errors import PayloadError
 
-__all__ = ["ACK", "DEAD", "FAIL", "PAYLOAD_FIELD", "Batch", "Fields", "Message", "describe_error"]
+__all__ = [
+    "ACK",
+    "DEAD",
+    "FAIL",
+    "PAYLOAD_FIELD",
+    "PROVENANCE_FIELDS",
+    "Batch",
+    "Fields",
+    "Message",
+    "describe_error",
+]
 
 #: The field that holds a codec-encoded payload (``Producer(codec="json")``).
 PAYLOAD_FIELD = "payload"
+
+#: The fields a dead-letter entry adds to the message's own, in the order they are written.
+ORIGIN_STREAM = "conveyor.origin_stream"
+ORIGIN_ID = "conveyor.origin_id"
+GROUP = "conveyor.group"
+CONSUMER = "conveyor.consumer"
+DELIVERIES = "conveyor.deliveries"
+ERROR = "conveyor.error"
+TIME = "conveyor.time"
+PROVENANCE_FIELDS = (ORIGIN_STREAM, ORIGIN_ID, GROUP, CONSUMER, DELIVERIES, ERROR, TIME)
 
 Fields = dict[Any, Any]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,11 @@ def test_derived_keys_share_the_hash_slot() -> None:
 def test_redact_url_hides_the_password() -> None:
     assert "sekret" not in redact_url("rediss://u:sekret@h:6380/1")
     assert redact_url("redis://h:6379") == "redis://h:6379"
+
+
+def test_the_dead_letter_script_writes_exactly_the_provenance_fields() -> None:
+    from conveyor._core.scripts import DEAD_LETTER
+    from conveyor.models import PROVENANCE_FIELDS
+
+    written = re.findall(r"'(conveyor\.[a-z_]+)'", DEAD_LETTER)
+    assert tuple(written) == PROVENANCE_FIELDS

@@ -8,6 +8,8 @@ an entry inside the script: two reclaimers can never both take it.
 
 from __future__ import annotations
 
+from conveyor.models import PROVENANCE_FIELDS
+
 __all__ = [
     "DEAD_LETTER",
     "HEARTBEAT",
@@ -16,17 +18,6 @@ __all__ = [
     "REMOVE_IF_IDLE",
     "TAKE_BACK",
 ]
-
-#: The fields a dead-letter entry adds to the message's own, in this order.
-PROVENANCE_FIELDS = (
-    "conveyor.origin_stream",
-    "conveyor.origin_id",
-    "conveyor.group",
-    "conveyor.consumer",
-    "conveyor.deliveries",
-    "conveyor.error",
-    "conveyor.time",
-)
 
 _NOW_MS = """
 local function now_ms()

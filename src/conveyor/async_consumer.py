@@ -1,0 +1,272 @@
+"""AsyncConsumer: the asyncio driver of the consumer machine (a task for heartbeats).
+
+Everything but the I/O loops lives in ``_consumer_base``; ``Consumer`` is its sync twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from conveyor import _io
+from conveyor._consumer_base import Outage, _ConsumerBase, now_ms
+from conveyor._core import commands as cmd
+from conveyor._shutdown import StopNow
+from conveyor.errors import ConnectionLost
+from conveyor.models import Batch, Message, describe_error
+
+__all__ = ["AsyncConsumer"]
+
+log = logging.getLogger("conveyor.consumer")
+
+
+class AsyncConsumer(_ConsumerBase):
+    """Consumer's asyncio twin, with the same parameters and semantics.
+
+    Example (``ar`` is ``conveyor.connect(asyncio=True)``)::
+
+        async with AsyncConsumer(ar, "orders", group="billing") as c:
+            async for msg in c:
+                await c.ack(msg)
+
+    Heartbeats run as a task: a handler that blocks the event loop for longer than three
+    heartbeats makes the consumer look dead (run CPU-bound work in an executor).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._current: asyncio.Future[Any] | None = None
+
+    async def get_batch(self) -> Batch:
+        """See ``Consumer.get_batch``. Cancelling it loses nothing: entries the server delivered
+        meanwhile are read again from this consumer's pending list."""
+        return await self._read_batch(deferred=False)
+
+    async def ack(self, msg: Message) -> int:
+        """Acknowledge one message; returns 1, or 0 if it was no longer pending."""
+        return await self.ack_many((msg,))
+
+    async def ack_many(self, messages: Iterable[Message]) -> int:
+        """Acknowledge many messages in one round trip (one XACK per stream, pipelined)."""
+        commands = self._ack_commands(messages)
+        return await self._send(commands) if commands else 0
+
+    async def fail(self, msg: Message, error: BaseException | str | None = None) -> None:
+        """See ``Consumer.fail``."""
+        commands = self._fail_commands(msg, error)
+        if commands:
+            await self._send(commands)
+
+    async def dead_letter(self, msg: Message, reason: BaseException | str | None = None) -> bool:
+        """See ``Consumer.dead_letter``."""
+        self._forget(self._check_message(msg).stream, (msg.id,))
+        before = self.dead_lettered_count
+        await self._send(
+            [self._dead_letter_command(msg, describe_error(reason) or "dead-lettered")]
+        )
+        return self.dead_lettered_count > before
+
+    async def run(
+        self, handler: Callable[[Batch], Awaitable[Any] | Any], *, grace_period_ms: int = 30_000
+    ) -> None:
+        """See ``Consumer.run``; ``handler`` may be a coroutine function or a plain one.
+
+        SIGTERM/SIGINT are handled through the running loop (main thread, Unix); the grace
+        period cancels a handler that is still running, which fails its unsettled messages.
+        """
+        outage = Outage(self.name)
+        loop = asyncio.get_running_loop()
+        signals = self._install_signals(loop, grace_period_ms)
+        try:
+            while not self._stopping:
+                try:
+                    await self._flush_unsent()
+                    batch = await self._step(self._read_batch(deferred=True))
+                    outage.over()
+                except ConnectionLost as exc:
+                    await self._sleep(outage.failed(exc))
+                    continue
+                if not batch:
+                    continue
+                error: BaseException | None = None
+                try:
+                    result = handler(batch)
+                    if inspect.isawaitable(result):
+                        await self._step(result)
+                except StopNow:
+                    raise
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and self._stop_now:
+                        raise StopNow() from None
+                    error = exc
+                    log.warning("handler failed on a batch of %d: %r", len(batch), exc)
+                self._unsent.extend(self._settle_commands(batch, error))
+                try:
+                    await self._flush_unsent()
+                except ConnectionLost as exc:
+                    await self._sleep(outage.failed(exc))
+        except (StopNow, asyncio.CancelledError):
+            if not self._stop_now:
+                raise
+            log.warning("consumer %r stopped at once; unacked messages stay pending", self.name)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        """Batches until ``stop()`` is called; empty ones are skipped."""
+        while not self._stopping:
+            batch = await self.get_batch()
+            if batch:
+                yield batch
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        """Messages one by one until ``stop()``; acknowledging them is up to the caller."""
+        async for batch in self.batches():
+            for msg in batch:
+                yield msg
+
+    async def close(self) -> None:
+        """See ``Consumer.close``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        try:
+            if self._unsent:
+                await self._flush_unsent()
+            if self._ready:
+                await _io.apool_roundtrip(self.client, self._leave_commands())
+        except Exception as exc:
+            log.warning("consumer %r could not leave group %r: %s", self.name, self.group, exc)
+        finally:
+            await self._reader.disconnect()
+
+    async def __aenter__(self) -> AsyncConsumer:
+        if not self._ready:
+            await self._setup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- I/O -----------------------------------------------------------------------------------
+
+    _stop_now = False
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, grace_period_ms: int) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        import signal
+
+        seen = 0
+
+        def on_signal() -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 1:
+                log.warning(
+                    "%s: signal received: finishing the batch in hand (grace period %d ms); "
+                    "signal again to stop at once",
+                    self.name,
+                    grace_period_ms,
+                )
+                self.stop()
+                loop.call_later(grace_period_ms / 1000, self._cancel_now)
+            else:
+                self._cancel_now()
+
+        installed: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_signal)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not supported on this platform/loop
+                pass
+        return installed
+
+    def _cancel_now(self) -> None:
+        self._stop_now = True
+        if self._current is not None and not self._current.done():
+            self._current.cancel()
+
+    async def _step(self, awaitable: Awaitable[Any]) -> Any:
+        """Await ``awaitable`` as a cancellable step of ``run()`` (a cold stop cancels it)."""
+        self._current = asyncio.ensure_future(awaitable)
+        try:
+            return await self._current
+        finally:
+            self._current = None
+
+    async def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    async def _send(self, commands: list[cmd.Command]) -> int:
+        return self._count_replies(commands, await _io.apool_roundtrip(self.client, commands))
+
+    async def _flush_unsent(self) -> None:
+        if self._unsent:
+            commands = self._unsent
+            self._count_replies(commands, await _io.apool_roundtrip(self.client, commands))
+            self._unsent = []
+
+    async def _read_batch(self, *, deferred: bool) -> Batch:
+        self._check_open()
+        if not self._ready:
+            await self._setup()
+        m = self._machine
+        m.begin_batch(now_ms())
+        while (plan := m.next_read(now_ms())) is not None:
+            try:
+                replies = await _io.aroundtrip(self._reader, plan.commands)
+            except BaseException:
+                m.reply_lost()
+                raise
+            if self._read_errors(plan, replies):
+                self._warn_recreate()
+                await self._setup()
+                m.group_recreated()
+                continue
+            m.feed(plan, replies, now_ms())
+        after = self._after_read_commands()
+        if after:
+            await self._send(after)
+        messages = m.end_batch()
+        self._handed_out(messages)
+        return Batch(messages, self, deferred=deferred)
+
+    async def _setup(self) -> None:
+        self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))
+        self._heartbeat_outcome(await _io.apool_roundtrip(self.client, self._heartbeat_commands()))
+        if self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = self.config.heartbeat_interval_ms / 1000
+        failing = False
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            try:
+                commands = self._heartbeat_commands()
+                self._heartbeat_outcome(await _io.apool_roundtrip(self.client, commands))
+                if failing:
+                    log.warning("consumer %r: heartbeats resumed", self.name)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning("consumer %r: heartbeat failed: %s; retrying", self.name, exc)
+                failing = True
