@@ -12,9 +12,10 @@ import redis
 
 import conveyor
 from conveyor import AsyncDeadLetters, ConfigError, ConnectionLost, DeadLetter, DeadLetters
+from conveyor._core.commands import parse_dead_letters
 from conveyor._core.scripts import DEAD_LETTER
 from conveyor._keys import dead_letter_key
-from conveyor.deadletter import PAGE_SIZE, matching, parse_entries
+from conveyor.deadletter import PAGE_SIZE, matching
 
 Fields = dict[str, str]
 
@@ -411,9 +412,9 @@ def test_parse_entries_in_every_shape(as_bytes: bool, resp3_map: bool) -> None:
     fields: Any = dict(zip(flat[::2], flat[1::2], strict=True)) if resp3_map else flat
     entry_id: Any = b"9-0" if as_bytes else "9-0"
 
-    [(letter, own)] = parse_entries([[entry_id, fields]], "utf-8")
+    [(letter, own)] = parse_dead_letters([[entry_id, fields]], "utf-8")
 
     assert letter == DeadLetter("9-0", {"order_id": "42"}, "orders", "1-0", time_ms=5)
     assert letter.deliveries == 0  # not a number: unknown
     assert own == flat[:2]
-    assert parse_entries(None, "utf-8") == []
+    assert parse_dead_letters(None, "utf-8") == []

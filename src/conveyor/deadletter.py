@@ -22,18 +22,16 @@ import builtins
 import inspect
 import logging
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import ResponseError
 
-from conveyor import _io, models
+from conveyor import _io
 from conveyor._core import commands as cmd
 from conveyor._keys import dead_letter_key
 from conveyor.config import check_encoding, check_int, check_name, is_stream_id
 from conveyor.errors import ConfigError, ConnectionLost, ServerError
-from conveyor.models import PROVENANCE_FIELDS, Fields
+from conveyor.models import DeadLetter, ReplayResult
 
 __all__ = [
     "PAGE_SIZE",
@@ -44,7 +42,6 @@ __all__ = [
     "ReplayResult",
     "Where",
     "matching",
-    "parse_entries",
 ]
 
 log = logging.getLogger("conveyor.deadletter")
@@ -59,92 +56,6 @@ _T = TypeVar("_T")
 Plan = Generator[list[cmd.Command], list[Any], _T]
 Where = Callable[["DeadLetter"], bool]
 OnProgress = Callable[[int, int], None]
-
-_PROVENANCE = frozenset(PROVENANCE_FIELDS)
-_ORIGIN_STREAM = models.ORIGIN_STREAM
-_ORIGIN_ID = models.ORIGIN_ID
-_GROUP = models.GROUP
-_CONSUMER = models.CONSUMER
-_DELIVERIES = models.DELIVERIES
-_ERROR = models.ERROR
-_TIME = models.TIME
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One entry of a dead-letter stream: the message's own fields and where it came from.
-
-    ``id`` is the dead-letter entry's id, ``origin_id`` the message's id on ``origin_stream``.
-    An entry written by something other than a conveyor consumer has no provenance: its text
-    attributes are None and ``deliveries`` and ``time_ms`` are 0; replay skips it.
-
-    >>> d = DeadLetter("9-0", {"order_id": "42"}, "orders", "1-0", "billing", "w1", 3, "boom")
-    >>> d.origin_id, d.deliveries, d.replayable
-    ('1-0', 3, True)
-    """
-
-    id: str
-    #: the message's own fields, provenance removed: str by default, bytes with encoding=None
-    fields: Fields = field(hash=False)
-    origin_stream: str | None = None
-    origin_id: str | None = None
-    group: str | None = None
-    consumer: str | None = None
-    deliveries: int = 0
-    error: str | None = None
-    #: when it was dead-lettered: server time, ms since the epoch (0: unknown)
-    time_ms: int = 0
-
-    @property
-    def replayable(self) -> bool:
-        """True when the entry says where it came from and has fields to put back there."""
-        return bool(self.origin_stream) and bool(self.fields)
-
-    @property
-    def time(self) -> datetime | None:
-        """``time_ms`` as an aware UTC datetime, None when unknown."""
-        if self.time_ms <= 0:
-            return None
-        seconds, ms = divmod(self.time_ms, 1000)
-        try:
-            return datetime.fromtimestamp(seconds, UTC).replace(microsecond=ms * 1000)
-        except (OverflowError, OSError, ValueError):  # a foreign entry's nonsense
-            return None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; bytes fields become text (undecodable bytes as surrogate escapes,
-        which ``json.dumps`` writes as ``\\udcXX``)."""
-        return {
-            "id": self.id,
-            "origin_stream": self.origin_stream,
-            "origin_id": self.origin_id,
-            "group": self.group,
-            "consumer": self.consumer,
-            "deliveries": self.deliveries,
-            "error": self.error,
-            "time_ms": self.time_ms,
-            "fields": {cmd.as_text(k): cmd.as_text(v) for k, v in self.fields.items()},
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayResult:
-    """What a ``replay()`` did, or with ``dry_run`` would do.
-
-    ``scanned``: entries looked at; ``matched``: those the filter accepted; ``replayed``: those
-    put back on their origin stream and deleted from the dead-letter stream (with ``dry_run``:
-    those that would be); ``skipped``: matching entries without provenance, left in place;
-    ``failed``: matching entries the origin stream refused (the server's reply is logged),
-    left in place; ``new_ids``: the ids the replayed messages got on their origin streams.
-    """
-
-    scanned: int
-    matched: int
-    replayed: int
-    skipped: int = 0
-    failed: int = 0
-    new_ids: tuple[str, ...] = ()
-    dry_run: bool = False
 
 
 def matching(
@@ -192,48 +103,6 @@ def matching(
         return before_ms is None or 0 < letter.time_ms < before_ms
 
     return where
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing: raw replies (bytes or str, RESP2 or RESP3) of XRANGE on a dead-letter stream
-
-
-def _number(text: str | None) -> int:
-    return int(text) if text and text.isascii() and text.isdigit() else 0
-
-
-def parse_entry(raw_id: Any, flat: Any, encoding: str | None) -> tuple[DeadLetter, list[Any]]:
-    """One dead-letter entry, and its own fields flat as the server sent them (what replay
-    adds back, byte for byte)."""
-    if isinstance(flat, dict):
-        flat = [x for kv in flat.items() for x in kv]
-    provenance: dict[str, str] = {}
-    own: list[Any] = []
-    it = iter(flat or ())
-    for key, value in zip(it, it, strict=False):
-        name = cmd.as_text(key)
-        if name in _PROVENANCE:
-            provenance[name] = cmd.as_text(value)
-        else:
-            own.append(key)
-            own.append(value)
-    letter = DeadLetter(
-        id=cmd.as_text(raw_id),
-        fields=cmd.convert_fields(own, encoding),
-        origin_stream=provenance.get(_ORIGIN_STREAM) or None,
-        origin_id=provenance.get(_ORIGIN_ID) or None,
-        group=provenance.get(_GROUP) or None,
-        consumer=provenance.get(_CONSUMER) or None,
-        deliveries=_number(provenance.get(_DELIVERIES)),
-        error=provenance.get(_ERROR),
-        time_ms=_number(provenance.get(_TIME)),
-    )
-    return letter, own
-
-
-def parse_entries(reply: Any, encoding: str | None) -> list[tuple[DeadLetter, list[Any]]]:
-    """An XRANGE reply as ``(DeadLetter, own fields flat)`` pairs, in the reply's order."""
-    return [parse_entry(entry[0], entry[1], encoding) for entry in reply or ()]
 
 
 def _after_id(stream_id: str) -> str:
@@ -313,7 +182,7 @@ class _DeadLettersBase:
         if after is not None and not (isinstance(after, str) and is_stream_id(after)):
             raise ConfigError(f"after must be a stream id like '1700000000000-0', got {after!r}")
         replies = yield [_xrange(self.dead_letter, after, "+", count)]
-        entries = parse_entries(self._checked(replies[0], "XRANGE"), self.encoding)
+        entries = cmd.parse_dead_letters(self._checked(replies[0], "XRANGE"), self.encoding)
         return [letter for letter, _ in entries]
 
     def _snapshot(self) -> Plan[tuple[int, str | None]]:
@@ -338,7 +207,7 @@ class _DeadLettersBase:
         after: str | None = None
         while end is not None:
             replies = yield [_xrange(self.dead_letter, after, end, PAGE_SIZE)]
-            page = parse_entries(self._checked(replies[0], "XRANGE"), self.encoding)
+            page = cmd.parse_dead_letters(self._checked(replies[0], "XRANGE"), self.encoding)
             if not page:
                 break
             after = page[-1][0].id

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, overload
 
 from conveyor.errors import PayloadError
@@ -198,3 +200,84 @@ def describe_error(error: BaseException | str | None) -> str:
         return ""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return text[:2000]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One entry of a dead-letter stream: the message's own fields and where it came from.
+
+    ``id`` is the dead-letter entry's id, ``origin_id`` the message's id on ``origin_stream``.
+    An entry written by something other than a conveyor consumer has no provenance: its text
+    attributes are None and ``deliveries`` and ``time_ms`` are 0; replay skips it.
+
+    >>> d = DeadLetter("9-0", {"order_id": "42"}, "orders", "1-0", "billing", "w1", 3, "boom")
+    >>> d.origin_id, d.deliveries, d.replayable
+    ('1-0', 3, True)
+    """
+
+    id: str
+    #: the message's own fields, provenance removed: str by default, bytes with encoding=None
+    fields: Fields = field(hash=False)
+    origin_stream: str | None = None
+    origin_id: str | None = None
+    group: str | None = None
+    consumer: str | None = None
+    deliveries: int = 0
+    error: str | None = None
+    #: when it was dead-lettered: server time, ms since the epoch (0: unknown)
+    time_ms: int = 0
+
+    @property
+    def replayable(self) -> bool:
+        """True when the entry says where it came from and has fields to put back there."""
+        return bool(self.origin_stream) and bool(self.fields)
+
+    @property
+    def time(self) -> datetime | None:
+        """``time_ms`` as an aware UTC datetime, None when unknown."""
+        if self.time_ms <= 0:
+            return None
+        seconds, ms = divmod(self.time_ms, 1000)
+        try:
+            return datetime.fromtimestamp(seconds, UTC).replace(microsecond=ms * 1000)
+        except (OverflowError, OSError, ValueError):  # a foreign entry's nonsense
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; bytes fields become text (undecodable bytes as surrogate escapes,
+        which ``json.dumps`` writes as ``\\udcXX``)."""
+        return {
+            "id": self.id,
+            "origin_stream": self.origin_stream,
+            "origin_id": self.origin_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "deliveries": self.deliveries,
+            "error": self.error,
+            "time_ms": self.time_ms,
+            "fields": {_text(k): _text(v) for k, v in self.fields.items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a ``replay()`` did, or with ``dry_run`` would do.
+
+    ``scanned``: entries looked at; ``matched``: those the filter accepted; ``replayed``: those
+    put back on their origin stream and deleted from the dead-letter stream (with ``dry_run``:
+    those that would be); ``skipped``: matching entries without provenance, left in place;
+    ``failed``: matching entries the origin stream refused (the server's reply is logged),
+    left in place; ``new_ids``: the ids the replayed messages got on their origin streams.
+    """
+
+    scanned: int
+    matched: int
+    replayed: int
+    skipped: int = 0
+    failed: int = 0
+    new_ids: tuple[str, ...] = ()
+    dry_run: bool = False
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from conveyor import models
 from conveyor.errors import FieldTypeError
-from conveyor.models import Fields, Message
+from conveyor.models import PROVENANCE_FIELDS, DeadLetter, Fields, Message
 
 __all__ = [
     "AutoclaimResult",
@@ -21,6 +22,8 @@ __all__ = [
     "as_text",
     "convert_fields",
     "error_code",
+    "parse_dead_letter",
+    "parse_dead_letters",
     "parse_id",
     "parse_pending_counts",
     "parse_read",
@@ -290,3 +293,48 @@ def parse_xautoclaim(reply: Any, stream: str, encoding: str | None) -> Autoclaim
             continue
         messages.append(Message(stream, msg_id, convert_fields(entry[1], encoding), 0))
     return AutoclaimResult(cursor, messages, deleted)
+
+
+_PROVENANCE_SET = frozenset(PROVENANCE_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead-letter entries: raw replies (bytes or str, RESP2 or RESP3) of XRANGE on a dead-letter stream
+
+
+def _number(text: str | None) -> int:
+    return int(text) if text and text.isascii() and text.isdigit() else 0
+
+
+def parse_dead_letter(raw_id: Any, flat: Any, encoding: str | None) -> tuple[DeadLetter, list[Any]]:
+    """One dead-letter entry, and its own fields flat as the server sent them (what replay
+    adds back, byte for byte)."""
+    if isinstance(flat, dict):
+        flat = [x for kv in flat.items() for x in kv]
+    provenance: dict[str, str] = {}
+    own: list[Any] = []
+    it = iter(flat or ())
+    for key, value in zip(it, it, strict=False):
+        name = as_text(key)
+        if name in _PROVENANCE_SET:
+            provenance[name] = as_text(value)
+        else:
+            own.append(key)
+            own.append(value)
+    letter = DeadLetter(
+        id=as_text(raw_id),
+        fields=convert_fields(own, encoding),
+        origin_stream=provenance.get(models.ORIGIN_STREAM) or None,
+        origin_id=provenance.get(models.ORIGIN_ID) or None,
+        group=provenance.get(models.GROUP) or None,
+        consumer=provenance.get(models.CONSUMER) or None,
+        deliveries=_number(provenance.get(models.DELIVERIES)),
+        error=provenance.get(models.ERROR),
+        time_ms=_number(provenance.get(models.TIME)),
+    )
+    return letter, own
+
+
+def parse_dead_letters(reply: Any, encoding: str | None) -> list[tuple[DeadLetter, list[Any]]]:
+    """An XRANGE reply as ``(DeadLetter, own fields flat)`` pairs, in the reply's order."""
+    return [parse_dead_letter(entry[0], entry[1], encoding) for entry in reply or ()]
