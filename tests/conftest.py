@@ -22,6 +22,15 @@ import conveyor
 from conveyor import AsyncConsumer, AsyncProducer, Consumer, EmbeddedServer, Producer
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        default=False,
+        help="run the crash suite (tests/chaos) at full size; reduced by default",
+    )
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedServer]:
     binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
