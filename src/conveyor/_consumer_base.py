@@ -206,14 +206,18 @@ class _ConsumerBase:
         if self._closed:
             raise RuntimeError(f"consumer {self.name!r} is closed")
 
-    def _handed_out(self, messages: list[Message]) -> None:
+    def _handed_out(self, messages: list[Message], deferred: bool) -> Batch:
+        """The Batch for ``messages``, now in flight (their leases are renewed)."""
+        ids = None
         if messages:
             with self._inflight_lock:
                 if len(self.streams) == 1:
-                    self._inflight[self.streams[0]].update(m.id for m in messages)
+                    ids = [m.id for m in messages]
+                    self._inflight[self.streams[0]].update(ids)
                 else:
                     for m in messages:
                         self._inflight[m.stream].add(m.id)
+        return Batch(messages, self, deferred=deferred, ids=ids)
 
     def _forget(self, stream: str, ids: Iterable[str]) -> None:
         with self._inflight_lock:
@@ -235,7 +239,7 @@ class _ConsumerBase:
     def _ack_commands(self, messages: Iterable[Message]) -> list[cmd.Command]:
         if type(messages) is Batch and messages._acker is self and len(self.streams) == 1:
             # A batch this consumer read from its one stream: checked when it was made.
-            batch_ids = [m.id for m in messages]
+            batch_ids = messages._ids or []
             self._forget(self.streams[0], batch_ids)
             return [cmd.xack(self.streams[0], self.group, batch_ids)] if batch_ids else []
         by_stream: dict[str, list[str]] = {}

@@ -243,9 +243,7 @@ class AsyncConsumer(_ConsumerBase):
         after = self._after_read_commands()
         if after:
             await self._send(after)
-        messages = m.end_batch()
-        self._handed_out(messages)
-        return Batch(messages, self, deferred=deferred)
+        return self._handed_out(m.end_batch(), deferred)
 
     async def _setup(self) -> None:
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))

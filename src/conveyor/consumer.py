@@ -192,9 +192,7 @@ class Consumer(_ConsumerBase):
         after = self._after_read_commands()
         if after:
             self._send(after)
-        messages = m.end_batch()
-        self._handed_out(messages)
-        return Batch(messages, self, deferred=deferred)
+        return self._handed_out(m.end_batch(), deferred)
 
     def _setup(self) -> None:
         self._setup_outcome(_io.pool_roundtrip(self.client, self._setup_commands()))

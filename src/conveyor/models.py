@@ -10,19 +10,36 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any, TypedDict, overload
 
 from conveyor.errors import PayloadError
 
 __all__ = [
     "ACK",
+    "CRITICAL",
     "DEAD",
     "FAIL",
+    "HEALTHY",
     "PAYLOAD_FIELD",
     "PROVENANCE_FIELDS",
+    "SNAPSHOT_VERSION",
+    "WARNING",
     "Batch",
+    "CleanupReport",
+    "ConsumerDict",
+    "ConsumerInfo",
     "Fields",
+    "GroupDict",
+    "GroupInfo",
+    "Health",
+    "HealthDict",
     "Message",
+    "MovedEntries",
+    "SnapshotDict",
+    "StreamDict",
+    "StreamInfo",
+    "Thresholds",
+    "ThresholdsDict",
     "describe_error",
 ]
 
@@ -125,11 +142,19 @@ class Batch(Sequence[Message]):
     handler did not settle. With ``get_batch()`` they act at once, through the consumer.
     """
 
-    __slots__ = ("_acker", "_messages", "_outcomes")
+    __slots__ = ("_acker", "_ids", "_messages", "_outcomes")
 
-    def __init__(self, messages: list[Message], acker: Any = None, *, deferred: bool = False):
+    def __init__(
+        self,
+        messages: list[Message],
+        acker: Any = None,
+        *,
+        deferred: bool = False,
+        ids: list[str] | None = None,
+    ):
         self._messages = messages
         self._acker = acker
+        self._ids = ids  # the messages' ids when they all come from one stream
         self._outcomes: dict[tuple[str, str], tuple[str, str | None]] | None = (
             {} if deferred else None
         )
@@ -153,7 +178,7 @@ class Batch(Sequence[Message]):
     @property
     def ids(self) -> list[str]:
         """The ids of the batch's messages."""
-        return [m.id for m in self._messages]
+        return list(self._ids) if self._ids is not None else [m.id for m in self._messages]
 
     def ack(self, msg: Message) -> Any:
         """Acknowledge one message."""
@@ -281,3 +306,487 @@ class ReplayResult:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitoring: what a Monitor saw (plain values; statuses and health rules live in _core.status)
+#
+# The JSON shape of a snapshot (``Snapshot.to_dict()``), version 1::
+#
+#     {"version": 1, "time_ms": <server time>, "stream": StreamDict,
+#      "groups": [GroupDict, ...], "thresholds": ThresholdsDict}
+#
+# GroupDict holds its consumers (``"consumers": [ConsumerDict, ...]``). Fields are only ever
+# added; a reader ignores fields it does not know.
+
+SNAPSHOT_VERSION = 1
+
+
+class StreamDict(TypedDict):
+    name: str
+    length: int
+    first_id: str | None
+    last_id: str | None
+    last_generated_id: str | None
+    entries_added: int | None
+    max_deleted_id: str | None
+
+
+class ConsumerDict(TypedDict):
+    name: str
+    group: str
+    idle_ms: int
+    inactive_ms: int | None
+    pending: int
+    heartbeat_age_ms: int | None
+    status: str
+
+
+class GroupDict(TypedDict):
+    name: str
+    lag: int | None
+    lag_estimated: bool
+    trimmed_undelivered: bool
+    pending: int
+    oldest_pending_id: str | None
+    oldest_pending_age_ms: int | None
+    oldest_pending_idle_ms: int | None
+    last_delivered_id: str
+    entries_read: int | None
+    consumers_count: int
+    consumers: list[ConsumerDict]
+
+
+class ThresholdsDict(TypedDict):
+    batch_size: int
+    idle_time_ms_warning_threshold: int
+    heartbeat_timeout_ms: int
+    pending_age_ms_warning_threshold: int
+    max_lag: int | None
+
+
+class SnapshotDict(TypedDict):
+    version: int
+    time_ms: int
+    stream: StreamDict
+    groups: list[GroupDict]
+    thresholds: ThresholdsDict
+
+
+class HealthDict(TypedDict):
+    code: int
+    status: str
+    reasons: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream as XINFO STREAM describes it. Fields the server does not report (Redis 6.2
+    has no ``entries_added`` nor ``max_deleted_id``) are None; ids of an empty stream too.
+
+    >>> StreamInfo("orders", 3, "1-0", "3-0", "3-0", 3, "0-0").length
+    3
+    """
+
+    name: str
+    length: int
+    #: ids of the first and last entries there now
+    first_id: str | None = None
+    last_id: str | None = None
+    #: the last id ever added (the stream may have been trimmed or emptied since)
+    last_generated_id: str | None = None
+    entries_added: int | None = None
+    max_deleted_id: str | None = None
+
+    def to_dict(self) -> StreamDict:
+        return {
+            "name": self.name,
+            "length": self.length,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "last_generated_id": self.last_generated_id,
+            "entries_added": self.entries_added,
+            "max_deleted_id": self.max_deleted_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: StreamDict) -> StreamInfo:
+        return cls(
+            data["name"],
+            data["length"],
+            data.get("first_id"),
+            data.get("last_id"),
+            data.get("last_generated_id"),
+            data.get("entries_added"),
+            data.get("max_deleted_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    """One consumer of a group, as a monitor saw it.
+
+    ``idle_ms``: since its last read attempt (Redis 7.2+ and Valkey) or last successful read
+    (Redis 7.0 and before). ``inactive_ms``: since its last successful read, where the server
+    reports it (-1: never), else None. ``heartbeat_age_ms``: since its last heartbeat, None for
+    a consumer that records none (not a conveyor consumer). ``status`` is one of
+    ``conveyor._core.status.STATUSES``.
+
+    >>> ConsumerInfo("w1", "billing", idle_ms=120, pending=3, status="OK").pending
+    3
+    """
+
+    name: str
+    group: str
+    idle_ms: int
+    pending: int
+    status: str
+    inactive_ms: int | None = None
+    heartbeat_age_ms: int | None = None
+
+    def to_dict(self) -> ConsumerDict:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "idle_ms": self.idle_ms,
+            "inactive_ms": self.inactive_ms,
+            "pending": self.pending,
+            "heartbeat_age_ms": self.heartbeat_age_ms,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_dict(cls, data: ConsumerDict) -> ConsumerInfo:
+        return cls(
+            name=data["name"],
+            group=data["group"],
+            idle_ms=data["idle_ms"],
+            pending=data["pending"],
+            status=data["status"],
+            inactive_ms=data.get("inactive_ms"),
+            heartbeat_age_ms=data.get("heartbeat_age_ms"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group of a stream, with its consumers, as a monitor saw it.
+
+    ``lag``: entries not delivered to the group yet. When the server cannot tell (it reports
+    nil after a group was created at an arbitrary id or entries were deleted, and Redis 6.2
+    has no lag at all), they are counted from ``last_delivered_id``, up to a bound, and
+    ``lag_estimated`` is True. ``trimmed_undelivered``: the server's lag exceeds the stream's
+    length, which proves that entries were trimmed before this group read them.
+    ``oldest_pending_age_ms``: server time minus the time part of the oldest pending id (None
+    when nothing is pending, or when ids are not times); ``oldest_pending_idle_ms``: since
+    that entry was last delivered (or its lease renewed).
+    """
+
+    name: str
+    pending: int
+    last_delivered_id: str
+    consumers_count: int
+    lag: int | None = None
+    lag_estimated: bool = False
+    trimmed_undelivered: bool = False
+    entries_read: int | None = None
+    oldest_pending_id: str | None = None
+    oldest_pending_age_ms: int | None = None
+    oldest_pending_idle_ms: int | None = None
+    consumers: tuple[ConsumerInfo, ...] = ()
+
+    def consumer(self, name: str) -> ConsumerInfo:
+        """The consumer called ``name``; KeyError if the group has none by that name."""
+        for c in self.consumers:
+            if c.name == name:
+                return c
+        raise KeyError(f"group {self.name!r} has no consumer {name!r}")
+
+    def to_dict(self) -> GroupDict:
+        return {
+            "name": self.name,
+            "lag": self.lag,
+            "lag_estimated": self.lag_estimated,
+            "trimmed_undelivered": self.trimmed_undelivered,
+            "pending": self.pending,
+            "oldest_pending_id": self.oldest_pending_id,
+            "oldest_pending_age_ms": self.oldest_pending_age_ms,
+            "oldest_pending_idle_ms": self.oldest_pending_idle_ms,
+            "last_delivered_id": self.last_delivered_id,
+            "entries_read": self.entries_read,
+            "consumers_count": self.consumers_count,
+            "consumers": [c.to_dict() for c in self.consumers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: GroupDict) -> GroupInfo:
+        return cls(
+            name=data["name"],
+            pending=data["pending"],
+            last_delivered_id=data["last_delivered_id"],
+            consumers_count=data["consumers_count"],
+            lag=data.get("lag"),
+            lag_estimated=data.get("lag_estimated", False),
+            trimmed_undelivered=data.get("trimmed_undelivered", False),
+            entries_read=data.get("entries_read"),
+            oldest_pending_id=data.get("oldest_pending_id"),
+            oldest_pending_age_ms=data.get("oldest_pending_age_ms"),
+            oldest_pending_idle_ms=data.get("oldest_pending_idle_ms"),
+            consumers=tuple(ConsumerInfo.from_dict(c) for c in data.get("consumers", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """What a monitor judged consumers and groups by (kept in each snapshot, so a snapshot
+    read back from JSON gives the same verdicts)."""
+
+    batch_size: int = 2
+    idle_time_ms_warning_threshold: int = 30_000
+    heartbeat_timeout_ms: int = 15_000
+    pending_age_ms_warning_threshold: int = 30_000
+    max_lag: int | None = None
+
+    def to_dict(self) -> ThresholdsDict:
+        return {
+            "batch_size": self.batch_size,
+            "idle_time_ms_warning_threshold": self.idle_time_ms_warning_threshold,
+            "heartbeat_timeout_ms": self.heartbeat_timeout_ms,
+            "pending_age_ms_warning_threshold": self.pending_age_ms_warning_threshold,
+            "max_lag": self.max_lag,
+        }
+
+    @classmethod
+    def from_dict(cls, data: ThresholdsDict) -> Thresholds:
+        return cls(
+            batch_size=data["batch_size"],
+            idle_time_ms_warning_threshold=data["idle_time_ms_warning_threshold"],
+            heartbeat_timeout_ms=data["heartbeat_timeout_ms"],
+            pending_age_ms_warning_threshold=data["pending_age_ms_warning_threshold"],
+            max_lag=data.get("max_lag"),
+        )
+
+
+#: Health codes, as monitoring plugins use them (and the CLI's exit status).
+HEALTHY, WARNING, CRITICAL = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A verdict on a snapshot: ``code`` 0 healthy, 1 warning, 2 critical; ``status`` the
+    word for it (``OK``, ``WARNING``, ``CRITICAL``); ``reasons`` one line per finding.
+
+    >>> Health(1, "WARNING", ("group 'billing': consumer 'w1' is idle",)).ok
+    False
+    """
+
+    code: int
+    status: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.code == HEALTHY
+
+    def to_dict(self) -> HealthDict:
+        return {"code": self.code, "status": self.status, "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True, slots=True)
+class MovedEntries:
+    """Pending entries a cleanup moved from a dead consumer to a live one of the same group."""
+
+    group: str
+    from_consumer: str
+    to_consumer: str
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupReport:
+    """What ``Monitor.cleanup()`` did.
+
+    ``moved``: entries handed from dead consumers to live ones. ``removed``: ``(group,
+    consumer)`` of consumers removed (each owned nothing at that moment). ``left_for_reclaim``:
+    ``(group, consumer, pending)`` of dead consumers whose entries stay where they are (no
+    live consumer to take them; consumers reclaim them). ``dropped``: ``(group, id)`` of pending
+    entries the server dropped while moving them, because they had been deleted or trimmed.
+    ``revived``: ``(group, consumer)`` of consumers that beat again before their entries moved.
+    """
+
+    stream: str
+    moved: tuple[MovedEntries, ...] = ()
+    removed: tuple[tuple[str, str], ...] = ()
+    left_for_reclaim: tuple[tuple[str, str, int], ...] = ()
+    dropped: tuple[tuple[str, str], ...] = ()
+    revived: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def moved_count(self) -> int:
+        return sum(len(m.ids) for m in self.moved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaler: what a look at a group saw, and what the Scaler made of it
+
+#: the Scaler's suggestions, as the seed names them
+SCALE_OUT, SCALE_IN, NO_SCALE = "OUT", "IN", "NO_SCALE"
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSample:
+    """One look at a consumer group, taken by ``Scaler.sample()`` in one round trip.
+
+    ``time_ms``: server time. ``length``: entries in the stream (XLEN). ``entries_added``:
+    entries ever added (None before Redis 7.0). ``lag``: entries not yet delivered to the group
+    (``lag_exact`` is False when the server had no figure and counting stopped at its bound).
+    ``pending``: delivered, not yet acked. ``stuck``: pending entries idle at least the
+    Scaler's ``stuck_idle_ms``, counted up to 10,000: they need a reclaim, not more consumers.
+
+    >>> s = ScaleSample(time_ms=0, length=94, entries_added=94, lag=11, pending=83, consumers=2)
+    >>> s.processed
+    0
+    """
+
+    time_ms: int
+    length: int
+    entries_added: int | None
+    lag: int
+    pending: int
+    consumers: int
+    stuck: int = 0
+    lag_exact: bool = True
+    last_delivered_id: str = "0-0"
+
+    @property
+    def processed(self) -> int | None:
+        """Entries the group has settled (acked or dead-lettered) since the stream began: those
+        added less those undelivered or pending. None when a figure it needs is unknown."""
+        if self.entries_added is None or not self.lag_exact:
+            return None
+        return max(0, self.entries_added - self.lag - self.pending)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    """What ``Scaler.decide()`` concluded, and what from.
+
+    The seed's figures: ``rate`` (lag per pending entry in percent, clamped to 1..100; 0 when
+    nothing is pending), ``suggestion`` (``OUT``, ``IN`` or ``NO_SCALE``) and ``line``, the
+    seed's sentence. Ours: ``recommended_consumers``, from the arrival and processing rates
+    over the sample window, the lag and the target drain time, held steady by hysteresis;
+    ``target_consumers`` is what the arithmetic asked for this time, ``reason`` says why.
+    ``str(decision)`` is the seed's line.
+
+    Stuck entries (``stuck``) are pending entries nobody is working on: reclaim them
+    (``claim_idle_ms``), more consumers will not help.
+    """
+
+    stream: str
+    group: str
+    rate: float
+    suggestion: str
+    line: str
+    recommended_consumers: int
+    target_consumers: int
+    reason: str
+    sample: ScaleSample
+    #: entries added per second over the window (None: not known yet, or before Redis 7.0)
+    arrival_rate: float | None = None
+    #: entries settled per second over the window
+    processing_rate: float | None = None
+    #: entries per second one consumer handles, as given or learnt
+    per_consumer_rate: float | None = None
+    #: seconds between the oldest and the newest sample the rates come from
+    window_s: float = 0.0
+    scale_out_rate: float = 50
+    scale_in_rate: float = 10
+
+    def __str__(self) -> str:
+        return self.line
+
+    @property
+    def lag(self) -> int:
+        """Entries not yet delivered to the group (what the seed's line calls stream length)."""
+        return self.sample.lag
+
+    @property
+    def pending(self) -> int:
+        return self.sample.pending
+
+    @property
+    def consumers(self) -> int:
+        return self.sample.consumers
+
+    @property
+    def stuck(self) -> int:
+        return self.sample.stuck
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the decision and the figures it came from."""
+        s = self.sample
+        return {
+            "stream": self.stream,
+            "group": self.group,
+            "rate": self.rate,
+            "suggestion": self.suggestion,
+            "line": self.line,
+            "recommended_consumers": self.recommended_consumers,
+            "target_consumers": self.target_consumers,
+            "reason": self.reason,
+            "lag": s.lag,
+            "lag_exact": s.lag_exact,
+            "pending": s.pending,
+            "stuck": s.stuck,
+            "consumers": s.consumers,
+            "length": s.length,
+            "arrival_rate": self.arrival_rate,
+            "processing_rate": self.processing_rate,
+            "per_consumer_rate": self.per_consumer_rate,
+            "window_s": self.window_s,
+            "time_ms": s.time_ms,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention: what a safe trim did
+
+
+@dataclass(frozen=True, slots=True)
+class TrimReport:
+    """What ``safe_trim`` did, or with ``dry_run`` would do, to one stream.
+
+    ``minid``: the cut; entries with smaller ids went (None: nothing could be cut, see
+    ``reason``). ``held_by``: the group whose progress set the cut. ``trimmed``: entries
+    removed, or with ``dry_run`` that would be; ``at_least`` is True when a dry run stopped
+    counting at its bound, so ``trimmed`` is a lower bound.
+
+    >>> TrimReport("orders", 3, "5-0", 10, 7, 2, "billing", "cut at 5-0", False).trimmed
+    3
+    """
+
+    stream: str
+    trimmed: int
+    minid: str | None
+    length_before: int
+    length_after: int
+    groups: int
+    held_by: str | None
+    reason: str
+    dry_run: bool = False
+    at_least: bool = False
+
+    def __str__(self) -> str:
+        verb = "would trim" if self.dry_run else "trimmed"
+        more = "at least " if self.at_least else ""
+        return f"{self.stream}: {verb} {more}{self.trimmed} of {self.length_before}; {self.reason}"
+
+
+__all__ += [
+    "NO_SCALE",
+    "SCALE_IN",
+    "SCALE_OUT",
+    "ScaleDecision",
+    "ScaleSample",
+    "TrimReport",
+]
