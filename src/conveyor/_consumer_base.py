@@ -376,6 +376,23 @@ class _ConsumerBase:
             by_stream.setdefault(stream, []).append(msg_id)
         return [cmd.xack(s, self.group, ids) for s, ids in by_stream.items()]
 
+    def _carry(self, plan: ReadPlan) -> tuple[list[cmd.Command], tuple[cmd.Command, ...]]:
+        """Settling commands waiting to be sent ride at the head of the next read's pipeline:
+        one round trip per batch in ``run()``. Returns them and the commands to send."""
+        carry, self._unsent = self._unsent, []
+        return carry, (*carry, *plan.commands) if carry else plan.commands
+
+    def _carried(self, carry: list[cmd.Command], replies: list[Any]) -> list[Any]:
+        """Account for the carried commands' replies; returns the read's own replies."""
+        if not carry:
+            return replies
+        try:
+            self._count_replies(carry, replies[: len(carry)])
+        except BaseException:
+            self._machine.reply_lost()  # the read's entries are re-read from our pending list
+            raise
+        return replies[len(carry) :]
+
     def _after_read_commands(self) -> list[cmd.Command]:
         return self._drop_commands() + self._overdue_commands()
 

@@ -86,7 +86,6 @@ class AsyncConsumer(_ConsumerBase):
         try:
             while not self._stopping:
                 try:
-                    await self._flush_unsent()
                     batch = await self._step(self._read_batch(deferred=True))
                     outage.over()
                 except ConnectionLost as exc:
@@ -106,11 +105,8 @@ class AsyncConsumer(_ConsumerBase):
                         raise StopNow() from None
                     error = exc
                     log.warning("handler failed on a batch of %d: %r", len(batch), exc)
+                # Sent with the next read (one round trip), or by close() when stopping.
                 self._unsent.extend(self._settle_commands(batch, error))
-                try:
-                    await self._flush_unsent()
-                except ConnectionLost as exc:
-                    await self._sleep(outage.failed(exc))
         except (StopNow, asyncio.CancelledError):
             if not self._stop_now:
                 raise
@@ -229,9 +225,11 @@ class AsyncConsumer(_ConsumerBase):
         m = self._machine
         m.begin_batch(now_ms())
         while (plan := m.next_read(now_ms())) is not None:
+            carry, commands = self._carry(plan)
             try:
-                replies = await _io.aroundtrip(self._reader, plan.commands)
+                replies = self._carried(carry, await _io.aroundtrip(self._reader, commands))
             except BaseException:
+                self._unsent[:0] = carry  # safe to send again: acks and moves are idempotent
                 m.reply_lost()
                 raise
             if self._read_errors(plan, replies):

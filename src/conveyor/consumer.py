@@ -93,7 +93,6 @@ class Consumer(_ConsumerBase):
             with graceful(self.name, self.stop, grace_period_ms):
                 while not self._stopping:
                     try:
-                        self._flush_unsent()
                         batch = self._read_batch(deferred=True)
                         outage.over()
                     except ConnectionLost as exc:
@@ -107,11 +106,8 @@ class Consumer(_ConsumerBase):
                     except Exception as exc:
                         error = exc
                         log.warning("handler failed on a batch of %d: %r", len(batch), exc)
+                    # Sent with the next read (one round trip), or by close() when stopping.
                     self._unsent.extend(self._settle_commands(batch, error))
-                    try:
-                        self._flush_unsent()
-                    except ConnectionLost as exc:
-                        self._wake.wait(outage.failed(exc))
         except (StopNow, KeyboardInterrupt):
             log.warning("consumer %r stopped at once; unacked messages stay pending", self.name)
         finally:
@@ -178,9 +174,11 @@ class Consumer(_ConsumerBase):
         m = self._machine
         m.begin_batch(now_ms())
         while (plan := m.next_read(now_ms())) is not None:
+            carry, commands = self._carry(plan)
             try:
-                replies = _io.roundtrip(self._reader, plan.commands)
+                replies = self._carried(carry, _io.roundtrip(self._reader, commands))
             except BaseException:
+                self._unsent[:0] = carry  # safe to send again: acks and moves are idempotent
                 m.reply_lost()
                 raise
             if self._read_errors(plan, replies):
