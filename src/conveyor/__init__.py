@@ -16,8 +16,23 @@ from conveyor.errors import (
     ServerError,
     ServerNotFound,
 )
-from conveyor.models import Batch, Message
+from conveyor.models import (
+    Batch,
+    CleanupReport,
+    ConsumerInfo,
+    GroupInfo,
+    Health,
+    Message,
+    MovedEntries,
+    ScaleDecision,
+    ScaleSample,
+    StreamInfo,
+    TrimReport,
+)
+from conveyor.monitor import AsyncMonitor, Monitor, Snapshot
 from conveyor.producer import AsyncProducer, Producer
+from conveyor.retention import async_safe_trim, safe_trim
+from conveyor.scaler import AsyncScaler, Scaler
 from conveyor.server import EmbeddedServer
 
 __version__ = "0.1.0"
@@ -25,22 +40,38 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncConsumer",
     "AsyncDeadLetters",
+    "AsyncMonitor",
     "AsyncProducer",
+    "AsyncScaler",
     "Batch",
+    "CleanupReport",
     "ConfigError",
     "ConnectionLost",
     "Consumer",
+    "ConsumerInfo",
     "ConveyorError",
     "DeadLetter",
     "DeadLetters",
     "EmbeddedServer",
     "FieldTypeError",
+    "GroupInfo",
     "GroupMissingError",
+    "Health",
     "Message",
+    "Monitor",
+    "MovedEntries",
     "PayloadError",
     "Producer",
+    "ScaleDecision",
+    "ScaleSample",
+    "Scaler",
     "ServerError",
     "ServerNotFound",
+    "Snapshot",
+    "StreamInfo",
+    "TrimReport",
     "__version__",
+    "async_safe_trim",
     "connect",
+    "safe_trim",
 ]

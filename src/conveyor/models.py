@@ -476,7 +476,8 @@ class GroupInfo:
     nil after a group was created at an arbitrary id or entries were deleted, and Redis 6.2
     has no lag at all), they are counted from ``last_delivered_id``, up to a bound, and
     ``lag_estimated`` is True. ``trimmed_undelivered``: the server's lag exceeds the stream's
-    length, which proves that entries were trimmed before this group read them.
+    length, which proves that entries were trimmed before this group read them (the lag is
+    then counted too, as the server's figure includes the entries that are gone).
     ``oldest_pending_age_ms``: server time minus the time part of the oldest pending id (None
     when nothing is pending, or when ids are not times); ``oldest_pending_idle_ms``: since
     that entry was last delivered (or its lease renewed).

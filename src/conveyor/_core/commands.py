@@ -18,21 +18,36 @@ from conveyor.models import PROVENANCE_FIELDS, DeadLetter, Fields, Message
 __all__ = [
     "AutoclaimResult",
     "Command",
+    "ConsumerReply",
+    "GroupReply",
     "ReadResult",
+    "as_map",
     "as_text",
     "convert_fields",
     "error_code",
+    "id_order",
+    "id_time_ms",
     "parse_dead_letter",
     "parse_dead_letters",
     "parse_id",
     "parse_pending_counts",
     "parse_read",
+    "parse_text_hash",
+    "parse_time_ms",
     "parse_xautoclaim",
+    "parse_xinfo_consumers",
+    "parse_xinfo_groups",
+    "parse_xinfo_stream",
+    "parse_xpending_oldest",
     "validate_fields",
     "xack",
     "xadd",
     "xautoclaim",
     "xgroup_create",
+    "xinfo_consumers",
+    "xinfo_groups",
+    "xinfo_stream",
+    "xpending_oldest",
     "xpending_range",
     "xreadgroup",
 ]
@@ -338,3 +353,180 @@ def parse_dead_letter(raw_id: Any, flat: Any, encoding: str | None) -> tuple[Dea
 def parse_dead_letters(reply: Any, encoding: str | None) -> list[tuple[DeadLetter, list[Any]]]:
     """An XRANGE reply as ``(DeadLetter, own fields flat)`` pairs, in the reply's order."""
     return [parse_dead_letter(entry[0], entry[1], encoding) for entry in reply or ()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitoring: TIME, XINFO STREAM / GROUPS / CONSUMERS, the oldest pending entry, heartbeats.
+# Fields a server version lacks (``lag`` and ``entries-read`` before 7.0, ``inactive`` before
+# 7.2) or reports as nil come back as None.
+
+
+def xinfo_stream(stream: Any) -> Command:
+    return ("XINFO", "STREAM", stream)
+
+
+def xinfo_groups(stream: Any) -> Command:
+    return ("XINFO", "GROUPS", stream)
+
+
+def xinfo_consumers(stream: Any, group: Any) -> Command:
+    return ("XINFO", "CONSUMERS", stream, group)
+
+
+def xpending_oldest(stream: Any, group: Any) -> Command:
+    """Extended ``XPENDING`` of the group's oldest pending entry (smallest id)."""
+    return ("XPENDING", stream, group, "-", "+", 1)
+
+
+def as_map(reply: Any) -> dict[str, Any]:
+    """A RESP2 flat ``[k1, v1, k2, v2]`` or a RESP3 map as a dict with text keys."""
+    if isinstance(reply, dict):
+        return {as_text(k): v for k, v in reply.items()}
+    it = iter(reply or ())
+    return {as_text(k): v for k, v in zip(it, it, strict=False)}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _id_or_none(value: Any) -> str | None:
+    return None if value is None else as_text(value)
+
+
+def parse_time_ms(reply: Any) -> int:
+    """``TIME`` (``[seconds, microseconds]``) in milliseconds since the epoch."""
+    return int(reply[0]) * 1000 + int(reply[1]) // 1000
+
+
+def id_time_ms(entry_id: str) -> int:
+    """The time part of a stream id: ``id_time_ms("1700000000000-3") == 1700000000000``."""
+    ms, _, _ = entry_id.partition("-")
+    return int(ms) if ms.isdigit() else 0
+
+
+def _entry_id(entry: Any) -> str | None:
+    return as_text(entry[0]) if entry else None
+
+
+def parse_xinfo_stream(reply: Any, stream: str) -> models.StreamInfo:
+    """``XINFO STREAM`` (RESP2 or RESP3, any server) as a StreamInfo."""
+    info = as_map(reply)
+    return models.StreamInfo(
+        name=stream,
+        length=int(info.get("length") or 0),
+        first_id=_entry_id(info.get("first-entry")),
+        last_id=_entry_id(info.get("last-entry")),
+        last_generated_id=_id_or_none(info.get("last-generated-id")),
+        entries_added=_int_or_none(info.get("entries-added")),
+        max_deleted_id=_id_or_none(info.get("max-deleted-entry-id")),
+    )
+
+
+class GroupReply:
+    """One group of an ``XINFO GROUPS`` reply."""
+
+    __slots__ = ("consumers", "entries_read", "lag", "last_delivered_id", "name", "pending")
+
+    def __init__(
+        self,
+        name: str,
+        consumers: int,
+        pending: int,
+        last_delivered_id: str,
+        entries_read: int | None,
+        lag: int | None,
+    ) -> None:
+        self.name = name
+        self.consumers = consumers
+        self.pending = pending
+        self.last_delivered_id = last_delivered_id
+        self.entries_read = entries_read
+        self.lag = lag
+
+
+def parse_xinfo_groups(reply: Any) -> list[GroupReply]:
+    """``XINFO GROUPS``, in the server's order; ``lag`` None where the server has none."""
+    groups = []
+    for raw in reply or ():
+        info = as_map(raw)
+        groups.append(
+            GroupReply(
+                name=as_text(info["name"]),
+                consumers=int(info.get("consumers") or 0),
+                pending=int(info.get("pending") or 0),
+                last_delivered_id=as_text(info.get("last-delivered-id") or "0-0"),
+                entries_read=_int_or_none(info.get("entries-read")),
+                lag=_int_or_none(info.get("lag")),
+            )
+        )
+    return groups
+
+
+class ConsumerReply:
+    """One consumer of an ``XINFO CONSUMERS`` reply (``inactive_ms`` None before 7.2)."""
+
+    __slots__ = ("idle_ms", "inactive_ms", "name", "pending")
+
+    def __init__(self, name: str, pending: int, idle_ms: int, inactive_ms: int | None) -> None:
+        self.name = name
+        self.pending = pending
+        self.idle_ms = idle_ms
+        self.inactive_ms = inactive_ms
+
+
+def parse_xinfo_consumers(reply: Any) -> list[ConsumerReply]:
+    """``XINFO CONSUMERS``, in the server's order."""
+    consumers = []
+    for raw in reply or ():
+        info = as_map(raw)
+        consumers.append(
+            ConsumerReply(
+                name=as_text(info["name"]),
+                pending=int(info.get("pending") or 0),
+                idle_ms=int(info.get("idle") or 0),
+                inactive_ms=_int_or_none(info.get("inactive")),
+            )
+        )
+    return consumers
+
+
+def parse_xpending_oldest(reply: Any) -> tuple[str, str, int, int] | None:
+    """Extended ``XPENDING ... - + 1`` as ``(id, consumer, idle_ms, deliveries)``, or None
+    when nothing is pending."""
+    if not reply:
+        return None
+    row = reply[0]
+    return as_text(row[0]), as_text(row[1]), int(row[2]), int(row[3])
+
+
+def parse_text_hash(reply: Any) -> dict[str, str]:
+    """``HGETALL`` (flat list or map) as text -> text."""
+    return {k: as_text(v) for k, v in as_map(reply).items()}
+
+
+def id_order(entry_id: str) -> tuple[int, int]:
+    """A stream id as a key that sorts like the server does (as text, "5-10" < "5-9").
+
+    >>> id_order("5-10") > id_order("5-9"), id_order("7") == (7, 0)
+    (True, True)
+    """
+    ms, _, seq = entry_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaler: stuck pending entries, and the lag counted where the server reports none
+
+
+def scaler_stuck_pending(stream: str, group: str, min_idle_ms: int, count: int) -> Command:
+    """Extended XPENDING of up to ``count`` entries idle at least ``min_idle_ms`` (6.2+)."""
+    return ("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", count)
+
+
+def scaler_count_after(stream: str, after: str, count: int) -> Command:
+    """XRANGE of up to ``count`` entries with ids greater than ``after``: counts the lag."""
+    return ("XRANGE", stream, "(" + after, "+", "COUNT", count)
+
+
+__all__ += ["scaler_count_after", "scaler_stuck_pending"]
