@@ -312,14 +312,31 @@ def test_heartbeats_are_recorded_with_the_server_clock(
     s = name("s")
     c = drivers.consumer(s, "g", consumer="beating", max_wait_ms=10, **FAST)
     c.get_batch()
-    first = int(r.hget(heartbeat_key(s, "g"), "beating") or 0)
+    value = (r.hget(heartbeat_key(s, "g"), "beating") or b"0:0").decode()
+    first, timeout = map(int, value.split(":"))
+    assert timeout == 150  # three beats of 50 ms: the consumer says how long it may be silent
     server_ms = int(r.time()[0]) * 1000
     assert abs(first - server_ms) < 5_000
 
     def beat_again() -> bool:
         c.get_batch()  # lets the asyncio driver's event loop (and its heartbeat task) run
-        return int(r.hget(heartbeat_key(s, "g"), "beating") or 0) > first
+        beat = (r.hget(heartbeat_key(s, "g"), "beating") or b"0:0").split(b":")[0]
+        return int(beat) > first
 
     until(beat_again, what="a new beat")
     c.close()
     assert r.hget(heartbeat_key(s, "g"), "beating") is None  # left cleanly
+
+
+def test_a_slower_heartbeat_is_judged_by_its_own_timeout(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    fill(r, s, 5)
+    slow = drivers.consumer(s, "g", batch_size=5, max_wait_ms=30, heartbeat_ms=400)
+    held = slow.get_batch()
+    fast = drivers.consumer(s, "g", max_wait_ms=30, heartbeat_ms=50)  # its own timeout: 150 ms
+    deadline = time.monotonic() + 1.0  # the slow one is silent for 400 ms between beats
+    while time.monotonic() < deadline:
+        assert len(fast.get_batch()) == 0
+    assert slow.ack_many(held) == 5

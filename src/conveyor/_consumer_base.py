@@ -409,6 +409,7 @@ class _ConsumerBase:
                 self.group,
                 self.name,
                 _HEARTBEATS_TTL_MS,
+                policy.heartbeat_timeout_ms(self.config.heartbeat_interval_ms),
                 *inflight[s],
             )
             for s in self.streams

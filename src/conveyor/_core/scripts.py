@@ -11,6 +11,7 @@ from __future__ import annotations
 from conveyor.models import PROVENANCE_FIELDS
 
 __all__ = [
+    "BEAT_OF",
     "DEAD_LETTER",
     "HEARTBEAT",
     "PROVENANCE_FIELDS",
@@ -26,6 +27,18 @@ local function now_ms()
 end
 local function ms_text(ms)
   return string.format('%d', ms)
+end
+"""
+
+#: A heartbeat value is ``<server ms>:<timeout ms>``: each consumer says how long its silence
+#: may last, so consumers and monitors with other settings judge it by its own. A plain number
+#: (an older format) is judged by the caller's timeout.
+BEAT_OF = """
+local function beat_of(value, default_timeout)
+  if not value then return nil, nil end
+  local beat, timeout = string.match(value, '^(%d+):(%d+)$')
+  if beat then return tonumber(beat), tonumber(timeout) end
+  return tonumber(value), tonumber(default_timeout)
 end
 """
 
@@ -79,15 +92,16 @@ return 1
 #: Record that a consumer is alive and renew the lease of the entries it is working on, so a
 #: long handler is not robbed (XCLAIM to itself resets their idle time). Entries another
 #: consumer owns now are not touched and are reported as lost.
-#: KEYS[1] stream, KEYS[2] heartbeats; ARGV group, consumer, heartbeats ttl ms, ids...
+#: KEYS[1] stream, KEYS[2] heartbeats; ARGV group, consumer, heartbeats ttl ms, this
+#: consumer's heartbeat timeout ms, ids...
 #: Returns the ids another consumer owns now (acked ones are simply skipped).
 HEARTBEAT = (
     _NOW_MS
     + """
-redis.call('HSET', KEYS[2], ARGV[2], ms_text(now_ms()))
+redis.call('HSET', KEYS[2], ARGV[2], ms_text(now_ms()) .. ':' .. ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local mine, lost = {}, {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if #p == 1 then
     if p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
@@ -107,12 +121,14 @@ return lost
 #: their idle time; such a consumer is removed once it owns nothing), then entries idle for at
 #: least min-idle ms from anyone (XAUTOCLAIM from the caller's cursor: consumers without
 #: heartbeats are judged by idle time alone). Claiming adds one delivery and returns fields.
-#: KEYS[1] stream, KEYS[2] heartbeats; ARGV group, consumer, heartbeat timeout ms, min idle ms,
+#: KEYS[1] stream, KEYS[2] heartbeats; ARGV group, consumer, default heartbeat timeout ms
+#: (for beats that carry none), min idle ms,
 #: cursor, count. Returns {cursor, entries, deleted ids, counts, removed consumers}; deleted ids
 #: are entries the server dropped from the pending list because they were deleted (Redis 7+;
 #: on 6.2 they come back as entries without fields).
 RECLAIM = (
     _NOW_MS
+    + BEAT_OF
     + _WITH_COUNTS
     + """
 local group, me = ARGV[1], ARGV[2]
@@ -121,8 +137,9 @@ local now = now_ms()
 local beats = redis.call('HGETALL', KEYS[2])
 local entries, removed = {}, {}
 for i = 1, #beats, 2 do
-  local name, beat = beats[i], tonumber(beats[i + 1])
-  if name ~= me and beat and now - beat > tonumber(ARGV[3]) then
+  local name = beats[i]
+  local beat, timeout = beat_of(beats[i + 1], ARGV[3])
+  if name ~= me and beat and now - beat > timeout then
     if room > 0 then
       local owned = redis.call('XPENDING', KEYS[1], group, '-', '+', room, name)
       if #owned > 0 then

@@ -98,7 +98,11 @@ def make_thresholds(
 
 
 def consumer_status(
-    idle_ms: int, pending: int, heartbeat_age_ms: int | None, thresholds: Thresholds
+    idle_ms: int,
+    pending: int,
+    heartbeat_age_ms: int | None,
+    thresholds: Thresholds,
+    heartbeat_timeout_ms: int | None = None,
 ) -> str:
     """The status of one consumer; see the module docstring for the rules and their order.
 
@@ -108,7 +112,8 @@ def consumer_status(
     >>> consumer_status(294_191, 11, None, t), consumer_status(10, 0, 60_000, t)
     ('WARNING - idle for long time', 'DEAD')
     """
-    if heartbeat_age_ms is not None and heartbeat_age_ms > thresholds.heartbeat_timeout_ms:
+    timeout = heartbeat_timeout_ms or thresholds.heartbeat_timeout_ms
+    if heartbeat_age_ms is not None and heartbeat_age_ms > timeout:
         return DEAD
     if idle_ms > thresholds.idle_time_ms_warning_threshold:
         return IDLE
@@ -132,11 +137,19 @@ def pending_age_ms(entry_id: str | None, now_ms: int) -> int | None:
     return max(0, now_ms - added_ms)
 
 
-def _beat_age(beats: Mapping[str, str], name: str, now_ms: int) -> int | None:
-    beat = beats.get(name)
-    if beat is None or not beat.isdigit():
+def parse_beat(value: str | None) -> tuple[int, int | None] | None:
+    """A heartbeat value, ``<server ms>:<timeout ms>`` (or a plain ``<server ms>``), as
+    ``(beat_ms, timeout_ms or None)``; None when absent or unreadable.
+
+    >>> parse_beat("1700000000000:15000"), parse_beat("1700000000000"), parse_beat("x")
+    ((1700000000000, 15000), (1700000000000, None), None)
+    """
+    if value is None:
         return None
-    return max(0, now_ms - int(beat))
+    beat, _, timeout = value.partition(":")
+    if not beat.isdigit() or (timeout and not timeout.isdigit()):
+        return None
+    return int(beat), int(timeout) if timeout else None
 
 
 def build_consumer(
@@ -147,13 +160,15 @@ def build_consumer(
     thresholds: Thresholds,
 ) -> ConsumerInfo:
     """A ConsumerInfo from its XINFO CONSUMERS row and the group's heartbeats hash."""
-    age = _beat_age(beats, reply.name, now_ms)
+    beat = parse_beat(beats.get(reply.name))
+    age = None if beat is None else max(0, now_ms - beat[0])
+    timeout = None if beat is None else beat[1]
     return ConsumerInfo(
         name=reply.name,
         group=group,
         idle_ms=reply.idle_ms,
         pending=reply.pending,
-        status=consumer_status(reply.idle_ms, reply.pending, age, thresholds),
+        status=consumer_status(reply.idle_ms, reply.pending, age, thresholds, timeout),
         inactive_ms=reply.inactive_ms,
         heartbeat_age_ms=age,
     )
