@@ -195,5 +195,14 @@ def _start_embedded_server() -> conveyor.EmbeddedServer:
 
 
 # Each command module registers itself on ``main`` when imported.
+from conveyor.cli import consume as _consume  # noqa: E402, F401
 from conveyor.cli import demo as _demo  # noqa: E402, F401
 from conveyor.cli import dlq as _dlq  # noqa: E402, F401
+from conveyor.cli import exporter as _exporter  # noqa: E402, F401
+from conveyor.cli import groups as _groups  # noqa: E402, F401
+from conveyor.cli import monitor as _monitor  # noqa: E402, F401
+from conveyor.cli import pending as _pending  # noqa: E402, F401
+from conveyor.cli import produce as _produce  # noqa: E402, F401
+from conveyor.cli import scale as _scale  # noqa: E402, F401
+from conveyor.cli import trim as _trim  # noqa: E402, F401
+from conveyor.cli import worker as _worker  # noqa: E402, F401

@@ -1,0 +1,141 @@
+"""What several command modules share: the --stream and --group options, looking a group up
+with an error that says what exists instead, durations for people, and tables on stdout."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+import redis
+from redis.exceptions import ResponseError
+from rich.console import Console
+from rich.table import Table
+
+from conveyor._core.commands import as_text
+from conveyor.cli import CliError, open_client
+
+__all__ = [
+    "client_for",
+    "confirm",
+    "entries",
+    "group_info",
+    "group_option",
+    "idle_text",
+    "print_table",
+    "quiet_broken_pipe",
+    "stream_option",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: the table's width when stdout is not a terminal (a pipe, a CI log): ids must not wrap
+PIPE_WIDTH = 200
+
+
+def stream_option(func: F) -> F:
+    """``-s/--stream STREAM``, required."""
+    return click.option(
+        "-s", "--stream", metavar="STREAM", required=True, help="The stream (its key name)."
+    )(func)
+
+
+def group_option(func: F) -> F:
+    """``-g/--group GROUP``, required."""
+    return click.option(
+        "-g", "--group", metavar="GROUP", required=True, help="The consumer group."
+    )(func)
+
+
+@contextmanager
+def client_for(url: str | None) -> Iterator[redis.Redis]:
+    """A client that answered PING, closed after the block."""
+    client = open_client(url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def groups_of(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
+    """XINFO GROUPS of ``stream`` with text names and ids; CliError when the stream is missing."""
+    try:
+        rows: Any = client.xinfo_groups(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            raise CliError(f"stream {stream!r} does not exist") from None
+        raise
+    return [
+        {key: as_text(value) if isinstance(value, bytes) else value for key, value in row.items()}
+        for row in rows
+    ]
+
+
+def group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+    """The XINFO GROUPS row of ``group``; CliError naming the groups there are when it is not."""
+    rows = groups_of(client, stream)
+    for row in rows:
+        if row["name"] == group:
+            return row
+    there = ", ".join(repr(row["name"]) for row in rows) or "none"
+    raise CliError(f"stream {stream!r} has no group {group!r} (groups: {there})")
+
+
+def confirm(question: str, *, yes: bool, action: str) -> None:
+    """Ask ``question`` on the terminal unless ``yes``. Without a terminal to ask on, refuse
+    at once, with the question in the error: the user sees what would have happened."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(
+            f"not confirmed (stdin is not a terminal; pass --yes to {action}): {question}"
+        )
+    if not click.confirm(question, default=False, err=True):
+        raise CliError("cancelled: nothing was changed")
+
+
+def idle_text(ms: int) -> str:
+    """A duration for people: ``850ms``, ``12.3s``, ``4m05s``, ``2h03m``, ``3d04h``.
+
+    >>> idle_text(850), idle_text(12_345), idle_text(245_000), idle_text(7_380_000)
+    ('850ms', '12.3s', '4m05s', '2h03m')
+    """
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    minutes, seconds = divmod(ms // 1000, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
+def print_table(table: Table) -> None:
+    """``table`` on stdout; in a pipe wide enough that ids and names never wrap."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, PIPE_WIDTH)
+    console.print(table)
+
+
+@contextmanager
+def quiet_broken_pipe() -> Iterator[None]:
+    """A reader that went away (``| head``) ends the command quietly, as other tools do."""
+    try:
+        yield
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None

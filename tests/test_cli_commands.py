@@ -1,0 +1,729 @@
+"""The command line's stream commands end to end: real processes, no TTY unless one is made.
+
+produce, consume, run, pending, claim, groups, monitor, scale, trim and exporter, each on its
+happy path and with one bad input; ``run`` and ``exporter`` are scraped over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.test_cli import TIMEOUT_S, _env, assert_clean_error
+
+Name = Callable[[str], str]
+
+
+def cli(
+    *args: str, url: str | None = None, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``conveyor ARGS`` with ``--url`` given through REDIS_URL, stdin from ``stdin``."""
+    environment = env or _env()
+    if url is not None:
+        environment = {**environment, "REDIS_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    """GET /metrics, retried until the server answers."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def sample(text: str, metric: str, **labels: str) -> float:
+    """The value of one series in a Prometheus text exposition."""
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name != metric:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {metric}{labels} in:\n{text}")
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
+def group_row(r: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+    """The XINFO GROUPS row of ``group``; empty until the stream and the group exist."""
+    rows: Any = r.xinfo_groups(stream) if r.exists(stream) else []
+    return next((row for row in rows if row["name"].decode() == group), {})
+
+
+@pytest.fixture
+def seeded(r: redis.Redis, name: Name) -> tuple[str, str]:
+    """The seed's figures: 94 entries, group g with consumers a (42) and b (41) holding 83
+    pending, 11 undelivered."""
+    stream = name("orders")
+    for i in range(94):
+        r.xadd(stream, {"n": i})
+    r.xgroup_create(stream, "g", "0")
+    r.xreadgroup("g", "a", {stream: ">"}, count=42)
+    r.xreadgroup("g", "b", {stream: ">"}, count=41)
+    return stream, "g"
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Long-running commands started by a test; killed if the test left them running."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start(
+    started: list[subprocess.Popen[str]], *args: str, env: dict[str, str]
+) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    return proc.returncode, err
+
+
+# -- produce -------------------------------------------------------------------------------------
+
+
+def test_produce_fields_from_arguments(redis_url: str, r: redis.Redis, name: Name) -> None:
+    stream = name("orders")
+
+    result = cli("produce", "--stream", stream, "order_id=42", "note=a=b", url=redis_url)
+
+    assert result.returncode == 0, result.stderr
+    [(entry_id, fields)] = r.xrange(stream)
+    assert result.stdout.strip() == entry_id.decode()
+    assert fields == {b"order_id": b"42", b"note": b"a=b"}
+
+
+def test_produce_json_lines_from_stdin(redis_url: str, r: redis.Redis, name: Name) -> None:
+    stream = name("orders")
+    lines = "".join(json.dumps({"n": i, "price": 9.5, "who": "x"}) + "\n" for i in range(1200))
+
+    result = cli(
+        "produce", "-s", stream, "--quiet", "--maxlen", "5000", stdin=lines + "\n", url=redis_url
+    )
+    payload = cli(
+        "produce", "-s", stream, "--json-payload", stdin='{"a": [1, {"b": 2}]}\n', url=redis_url
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1200"
+    assert payload.returncode == 0, payload.stderr
+    entries = r.xrange(stream)
+    assert len(entries) == 1201
+    assert entries[7][1] == {b"n": b"7", b"price": b"9.5", b"who": b"x"}
+    assert json.loads(entries[-1][1][b"payload"]) == {"a": [1, {"b": 2}]}
+
+
+def test_produce_a_nested_value_is_an_error_naming_the_line(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    stream = name("orders")
+
+    result = cli(
+        "produce", "-s", stream, stdin='{"n": 1}\n{"n": 2}\n{"n": {"x": 1}}\n', url=redis_url
+    )
+
+    assert_clean_error(result)
+    assert "line 3" in result.stderr and "'n'" in result.stderr
+    assert "--json-payload" in result.stderr
+    assert "entries added before it: 2" in result.stderr
+    assert r.xlen(stream) == 2
+
+
+def test_produce_an_argument_without_equals_is_an_error(redis_url: str, name: Name) -> None:
+    result = cli("produce", "-s", name("orders"), "order_id", url=redis_url)
+
+    assert_clean_error(result)
+    assert "'order_id' is not FIELD=VALUE" in result.stderr
+
+
+# -- consume -------------------------------------------------------------------------------------
+
+
+def test_consume_prints_json_lines_and_acks(redis_url: str, r: redis.Redis, name: Name) -> None:
+    stream = name("orders")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(25)]
+
+    first = cli(
+        "consume", "-s", stream, "-g", "g", "--count", "10", "--batch-size", "4", url=redis_url
+    )
+    rest = cli("consume", "-s", stream, "-g", "g", "--max-wait-ms", "100", url=redis_url)
+
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [row["id"] for row in rows] == ids[:10]
+    assert rows[0] == {"stream": stream, "id": ids[0], "deliveries": 1, "fields": {"n": "0"}}
+    assert rest.returncode == 0, rest.stderr
+    assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == ids[10:]
+    assert "15 acked" in rest.stderr
+    assert group_row(r, stream, "g")["pending"] == 0
+
+
+def test_consume_no_ack_leaves_them_pending(redis_url: str, r: redis.Redis, name: Name) -> None:
+    stream = name("orders")
+    for i in range(5):
+        r.xadd(stream, {"n": i})
+
+    args = ("consume", "-s", stream, "-g", "g", "-c", "peek", "--no-ack", "--count", "3")
+    result = cli(*args, url=redis_url)
+
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    summary: Any = r.xpending(stream, "g")
+    assert summary["pending"] >= 3
+    assert {c["name"] for c in summary["consumers"]} == {b"peek"}
+
+
+def test_consume_follow_stops_cleanly_on_sigterm(
+    redis_url: str, r: redis.Redis, name: Name, processes: list[subprocess.Popen[str]]
+) -> None:
+    stream = name("orders")
+    r.xadd(stream, {"n": 1})
+    env = {**_env(), "REDIS_URL": redis_url}
+    proc = start(
+        processes, "consume", "-s", stream, "-g", "g", "--follow", "--max-wait-ms", "100", env=env
+    )
+    wait_for(lambda: group_row(r, stream, "g").get("entries-read") == 1, "read")
+    time.sleep(0.3)  # a few empty reads go by: --follow keeps going
+
+    returncode, err = stop(proc)
+
+    assert returncode == 0, err
+    assert "Traceback" not in err
+    assert group_row(r, stream, "g")["pending"] == 0
+
+
+def test_consume_a_key_that_is_not_a_stream_is_one_error_line(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    key = name("string")
+    r.set(key, "x")
+
+    result = cli("consume", "-s", key, "-g", "g", url=redis_url)
+
+    assert_clean_error(result)
+    assert "WRONGTYPE" in result.stderr
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+HANDLERS = """
+import os
+
+SEEN = os.environ["SEEN_FILE"]
+
+def handle(batch):
+    with open(SEEN, "a") as seen:
+        for msg in batch:
+            if msg.fields.get("bad"):
+                batch.dead_letter(msg, "bad input")
+                continue
+            seen.write(f"{os.getpid()} {msg.id}\\n")
+            batch.ack(msg)
+
+not_callable = 42
+"""
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
+    (tmp_path / "cli_handlers.py").write_text(HANDLERS)
+    return {
+        **_env(),
+        "REDIS_URL": redis_url,
+        "PYTHONPATH": str(tmp_path),
+        "SEEN_FILE": str(tmp_path / "seen.txt"),
+    }
+
+
+def seen_ids(env: dict[str, str]) -> list[str]:
+    path = Path(env["SEEN_FILE"])
+    return [line.split()[1] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_run_processes_messages_and_serves_metrics(
+    r: redis.Redis, name: Name, worker_env: dict[str, str], processes: list[subprocess.Popen[str]]
+) -> None:
+    stream = name("orders")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(30)]
+    r.xadd(stream, {"bad": "1"})
+    port = free_port()
+
+    args = ("-s", stream, "-g", "g", "--max-wait-ms", "100", "--metrics-port", str(port))
+    proc = start(
+        processes,
+        "run",
+        "cli_handlers:handle",
+        *args,
+        "--metrics-addr",
+        "127.0.0.1",
+        env=worker_env,
+    )
+    wait_for(lambda: len(seen_ids(worker_env)) == 30, "the worker handled every message")
+    labels = {"stream": stream, "group": "g"}
+    # Acks ride with the next read: the counters catch up within --max-wait-ms.
+    wait_for(
+        lambda: sample(scrape(port), "conveyor_worker_messages_acked_total", **labels) == 30,
+        "the metrics count every ack",
+    )
+    metrics = scrape(port)
+    returncode, err = stop(proc)
+
+    assert returncode == 0, err
+    assert sorted(seen_ids(worker_env)) == sorted(ids)
+    assert group_row(r, stream, "g")["pending"] == 0
+    assert sample(metrics, "conveyor_worker_messages_processed_total", **labels) == 31
+    assert sample(metrics, "conveyor_worker_messages_dead_lettered_total", **labels) == 1
+    assert sample(metrics, "conveyor_worker_messages_failed_total", **labels) == 0
+    assert sample(metrics, "conveyor_worker_batch_duration_seconds_count", **labels) >= 1
+    assert "stopped: delivered 31, acked 30" in err
+
+
+def test_run_with_concurrency_processes_everything_once(
+    r: redis.Redis, name: Name, worker_env: dict[str, str], processes: list[subprocess.Popen[str]]
+) -> None:
+    stream = name("orders")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(400)]
+
+    args = (
+        "-s",
+        stream,
+        "-g",
+        "g",
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "10",
+        "--max-wait-ms",
+        "100",
+    )
+    proc = start(processes, "run", "cli_handlers:handle", *args, env=worker_env)
+    wait_for(lambda: len(seen_ids(worker_env)) >= 400, "the workers handled every message")
+    wait_for(lambda: group_row(r, stream, "g").get("pending") == 0, "every message was acked")
+    returncode, err = stop(proc)
+
+    assert returncode == 0, err
+    assert sorted(seen_ids(worker_env)) == sorted(ids)  # each exactly once
+    assert "all 2 workers stopped cleanly" in err
+    pids = {line.split()[0] for line in Path(worker_env["SEEN_FILE"]).read_text().splitlines()}
+    assert len(pids) <= 2 and str(proc.pid) not in pids
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("no_such_module:handle", "cannot import module 'no_such_module'"),
+        ("cli_handlers:missing", "module 'cli_handlers' has no attribute 'missing'"),
+        ("cli_handlers:not_callable", "is not callable"),
+        ("cli_handlers", "is not MODULE:FUNC"),
+    ],
+)
+def test_run_a_bad_handler_is_one_error_line(
+    worker_env: dict[str, str], target: str, says: str
+) -> None:
+    result = cli("run", target, "-s", "s", "-g", "g", env=worker_env)
+
+    assert_clean_error(result)
+    assert says in result.stderr
+
+
+# -- pending and claim ---------------------------------------------------------------------------
+
+
+def test_pending_table_and_json(redis_url: str, seeded: tuple[str, str]) -> None:
+    stream, group = seeded
+
+    table = cli("pending", "-s", stream, "-g", group, "--count", "5", url=redis_url)
+    lines = cli("pending", "-s", stream, "-g", group, "--consumer", "b", "--json", url=redis_url)
+
+    assert table.returncode == 0, table.stderr
+    assert f"{stream} group g: 83 pending (a 42, b 41); showing 5" in table.stdout
+    for header in ("id", "consumer", "idle", "deliveries"):
+        assert header in table.stdout
+    assert lines.returncode == 0, lines.stderr
+    rows = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert len(rows) == 41
+    assert {row["consumer"] for row in rows} == {"b"}
+    assert rows[0].keys() == {"id", "consumer", "idle_ms", "deliveries"}
+
+
+def test_pending_of_a_missing_group_names_the_groups(
+    redis_url: str, seeded: tuple[str, str]
+) -> None:
+    stream, _ = seeded
+
+    result = cli("pending", "-s", stream, "-g", "nope", url=redis_url)
+
+    assert_clean_error(result)
+    assert f"stream {stream!r} has no group 'nope' (groups: 'g')" in result.stderr
+
+
+def test_claim_dry_run_then_move(redis_url: str, r: redis.Redis, seeded: tuple[str, str]) -> None:
+    stream, group = seeded
+    base = ("claim", "-s", stream, "-g", group, "--to", "c", "--from", "a", "--min-idle-ms", "0")
+
+    dry = cli(*base, "--count", "10", "--dry-run", url=redis_url)
+    moved = cli(*base, "--count", "10", url=redis_url)
+
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: would move 10 entries to 'c' (from a: 10)" in dry.stdout
+    assert moved.returncode == 0, moved.stderr
+    assert "moved 10 entries to 'c' (from a: 10)" in moved.stdout
+    summary: Any = r.xpending(stream, group)
+    held = {c["name"].decode(): c["pending"] for c in summary["consumers"]}
+    assert held == {"a": 32, "b": 41, "c": 10}
+    assert summary["pending"] == 83  # nothing deleted
+
+
+def test_claim_on_a_missing_stream_is_one_error_line(redis_url: str, name: Name) -> None:
+    result = cli("claim", "-s", name("none"), "-g", "g", "--to", "c", url=redis_url)
+
+    assert_clean_error(result)
+    assert "does not exist" in result.stderr
+
+
+# -- groups --------------------------------------------------------------------------------------
+
+
+def test_groups_create_setid_ls_destroy(redis_url: str, r: redis.Redis, name: Name) -> None:
+    stream = name("orders")
+    g = ("-s", stream, "-g", "billing")
+
+    created = cli("groups", "create", *g, "--mkstream", "--id", "$", url=redis_url)
+    r.xadd(stream, {"n": 1})
+    moved = cli("groups", "setid", *g, "--id", "0", url=redis_url)
+    listed = cli("groups", "ls", "-s", stream, url=redis_url)
+    r.xreadgroup("billing", "w", {stream: ">"})
+    refused = cli("groups", "destroy", *g, url=redis_url)
+    destroyed = cli("groups", "destroy", *g, "--yes", url=redis_url)
+
+    assert created.returncode == 0, created.stderr
+    assert moved.returncode == 0, moved.stderr
+    assert "(undelivered now: 1)" in moved.stdout
+    assert "billing" in listed.stdout and "lag" in listed.stdout
+    assert_clean_error(refused)
+    assert "--yes" in refused.stderr and "1 pending entry" in refused.stderr
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert "dropped its 1 consumers and 1 pending entry" in destroyed.stdout
+    assert r.xinfo_groups(stream) == []
+
+
+def test_groups_create_twice_is_one_error_line(redis_url: str, name: Name) -> None:
+    stream = name("orders")
+    cli("groups", "create", "-s", stream, "-g", "g", "--mkstream", url=redis_url)
+
+    again = cli("groups", "create", "-s", stream, "-g", "g", url=redis_url)
+
+    assert_clean_error(again)
+    assert "already exists" in again.stderr
+
+
+# -- monitor -------------------------------------------------------------------------------------
+
+
+def test_monitor_prints_the_grid_and_exits_with_the_verdict(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    stream = name("orders")
+    r.xadd(stream, {"n": 1})
+    r.xgroup_create(stream, "g", "0")
+    r.xreadgroup("g", "worker-1", {stream: ">"})
+    r.xack(stream, "g", *(entry_id for entry_id, _ in r.xrange(stream)))
+
+    healthy = cli("monitor", "--stream", stream, "--group", "g", url=redis_url)
+    as_json = cli("monitor", "-s", stream, "-g", "g", "--json", url=redis_url)
+    time.sleep(0.05)
+    idle = cli("monitor", "-s", stream, "-g", "g", "--idle-threshold-ms", "1", url=redis_url)
+
+    assert healthy.returncode == 0, healthy.stderr
+    assert "| Consumer id   |" in healthy.stdout
+    assert "Idle time" in healthy.stdout and "Pending items" in healthy.stdout
+    assert re.search(r"\| worker-1 +\| +\d+ \| +0 \| OK +\|", healthy.stdout), healthy.stdout
+    assert "health: OK" in healthy.stderr
+    snapshot = json.loads(as_json.stdout)
+    assert snapshot["groups"][0]["name"] == "g" and snapshot["groups"][0]["lag"] == 0
+    assert idle.returncode == 1, idle.stderr
+    assert "WARNING - idle for long time" in idle.stdout
+
+
+def test_monitor_a_missing_stream_is_one_error_line(redis_url: str, name: Name) -> None:
+    result = cli("monitor", "-s", name("none"), url=redis_url)
+
+    assert_clean_error(result)
+    assert "does not exist" in result.stderr
+
+
+# -- scale ---------------------------------------------------------------------------------------
+
+
+def test_scale_prints_the_seed_line_and_ours(redis_url: str, seeded: tuple[str, str]) -> None:
+    stream, group = seeded
+
+    args = ("scale", "-s", stream, "-g", group, "--scale-out-rate", "60", "--scale-in-rate", "20")
+    result = cli(*args, url=redis_url)
+    as_json = cli(*args, "--json", url=redis_url)
+
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "Consumers should be IN as stream length (11) / pending (83) rate is 13.253%"
+    assert second.startswith("Recommended consumers: ")
+    decision = json.loads(as_json.stdout)
+    assert (decision["suggestion"], decision["lag"], decision["pending"]) == ("IN", 11, 83)
+
+
+def test_scale_keda_prints_a_scaled_object() -> None:
+    result = cli(
+        "scale",
+        "-s",
+        "orders",
+        "-g",
+        "billing",
+        "--keda",
+        "--name",
+        "billing",
+        "--deployment",
+        "worker",
+        "--max-consumers",
+        "8",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "kind: ScaledObject" in result.stdout
+    assert 'consumerGroup: "billing"' in result.stdout and "maxReplicaCount: 8" in result.stdout
+
+
+def test_scale_rates_in_the_wrong_order_are_one_error_line(
+    redis_url: str, seeded: tuple[str, str]
+) -> None:
+    stream, group = seeded
+
+    args = ("-s", stream, "-g", group, "--scale-out-rate", "20", "--scale-in-rate", "60")
+    result = cli("scale", *args, url=redis_url)
+
+    assert_clean_error(result)
+    assert "scale_in_rate" in result.stderr
+
+
+# -- trim ----------------------------------------------------------------------------------------
+
+
+def test_trim_safe_keeps_what_any_group_still_needs(
+    redis_url: str, r: redis.Redis, seeded: tuple[str, str]
+) -> None:
+    stream, group = seeded
+    acked = [entry_id for entry_id, _ in r.xrange(stream, count=20)]
+    r.xack(stream, group, *acked)
+
+    dry = cli("trim", "-s", stream, "--safe", "--dry-run", url=redis_url)
+    done = cli("trim", "-s", stream, "--safe", url=redis_url)
+
+    assert dry.returncode == 0, dry.stderr
+    assert "would trim 20 of 94" in dry.stdout
+    assert done.returncode == 0, done.stderr
+    assert "trimmed 20 of 94" in done.stdout
+    assert r.xlen(stream) == 74
+
+
+def test_trim_maxlen_says_what_it_would_cut_and_asks(
+    redis_url: str, r: redis.Redis, seeded: tuple[str, str]
+) -> None:
+    stream, _ = seeded
+
+    refused = cli("trim", "-s", stream, "--maxlen", "5", url=redis_url)
+    done = cli("trim", "-s", stream, "--maxlen", "0", "--yes", url=redis_url)
+
+    assert_clean_error(refused)
+    assert "--yes" in refused.stderr
+    assert "group 'g': 6 undelivered and 83 pending" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trimmed ")
+
+
+def test_trim_maxlen_on_a_terminal_asks_and_no_keeps_everything(
+    redis_url: str, r: redis.Redis, seeded: tuple[str, str]
+) -> None:
+    stream, _ = seeded
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"n\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "conveyor", "trim", "-s", stream, "--maxlen", "10"],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env={**_env(), "REDIS_URL": redis_url},
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+    assert "Trim" in result.stderr and "1 undelivered and 83 pending" in result.stderr
+    assert result.returncode == 1
+    assert r.xlen(stream) == 94
+
+
+def test_trim_needs_safe_or_maxlen(redis_url: str, seeded: tuple[str, str]) -> None:
+    result = cli("trim", "-s", seeded[0], url=redis_url)
+
+    assert_clean_error(result)
+    assert "--safe or --maxlen" in result.stderr
+
+
+# -- exporter ------------------------------------------------------------------------------------
+
+
+def test_exporter_serves_lag_and_pending_until_sigterm(
+    redis_url: str, seeded: tuple[str, str], name: Name, processes: list[subprocess.Popen[str]]
+) -> None:
+    stream, group = seeded
+    missing = name("missing")
+    port = free_port()
+    env = {**_env(), "REDIS_URL": redis_url}
+
+    args = ("--port", str(port), "--addr", "127.0.0.1", "-s", stream, "-s", missing)
+    proc = start(processes, "exporter", *args, env=env)
+    metrics = scrape(port)
+    returncode, err = stop(proc)
+
+    assert returncode == 0, err
+    assert sample(metrics, "conveyor_up", stream=stream) == 1
+    assert sample(metrics, "conveyor_up", stream=missing) == 0
+    assert sample(metrics, "conveyor_stream_length", stream=stream) == 94
+    assert sample(metrics, "conveyor_group_lag", stream=stream, group=group) == 11
+    assert sample(metrics, "conveyor_group_pending", stream=stream, group=group) == 83
+    assert sample(metrics, "conveyor_group_consumers", stream=stream, group=group) == 2
+    assert sample(metrics, "conveyor_consumer_pending", stream=stream, consumer="a") == 42
+    assert sample(metrics, "conveyor_dead_letter_length", stream=stream) == 0
+    assert "Traceback" not in err
+
+
+def test_exporter_on_a_port_in_use_is_one_error_line(redis_url: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("exporter", "-p", str(port), "--addr", "127.0.0.1", "-s", "x", url=redis_url)
+
+    assert_clean_error(result)
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("exporter", "--port", "1", "-s", "orders"),
+        ("run", "cli_handlers:handle", "-s", "s", "-g", "g", "--metrics-port", "1"),
+    ],
+)
+def test_metrics_without_prometheus_client_give_the_install_hint(
+    worker_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from conveyor.cli import main\n"
+        f"main({list(args)!r}, prog_name='conveyor')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=worker_env,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+    assert_clean_error(result)
+    assert "pip install 'conveyor[metrics]'" in result.stderr
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        (("produce",), ("--stream", "--maxlen", "--json-payload", "--quiet", "FIELD=VALUE")),
+        (("consume",), ("--group", "--consumer", "--count", "--no-ack", "--follow")),
+        (("run",), ("MODULE:FUNC", "--concurrency", "--metrics-port", "--claim-idle-ms")),
+        (("pending",), ("--consumer", "--count", "--json", "--min-idle-ms")),
+        (("claim",), ("--to", "--from", "--min-idle-ms", "--dry-run")),
+        (("groups",), ("create", "destroy", "setid", "ls")),
+        (("groups", "ls"), ("--stream", "lag")),
+        (("groups", "create"), ("--id", "--mkstream")),
+        (("groups", "destroy"), ("--yes", "pending")),
+        (("groups", "setid"), ("--id", "--yes")),
+        (("monitor",), ("--watch", "--interval", "--json", "--rich", "--cleanup")),
+        (("scale",), ("--scale-out-rate", "--scale-in-rate", "--keda", "--deployment")),
+        (("trim",), ("--safe", "--maxlen", "--dry-run", "--yes")),
+        (("exporter",), ("--port", "--stream", "--interval", "conveyor_group_lag")),
+    ],
+)
+def test_help_is_complete_with_examples(command: tuple[str, ...], words: tuple[str, ...]) -> None:
+    result = cli(*command, "--help")
+
+    assert result.returncode == 0, result.stderr
+    for word in (*words, "Example"):
+        assert word in result.stdout, f"{word!r} not in the help of {command}"
+    if command != ("groups",):
+        assert "--url" in result.stdout
