@@ -8,8 +8,9 @@ connection is closed and raised as ConnectionLost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import inspect
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -17,9 +18,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor._core.commands import Command
 from conveyor.connection import describe
-from conveyor.errors import ConnectionLost
+from conveyor.errors import ConfigError, ConnectionLost
 
-__all__ = ["LINK_ERRORS", "apool_roundtrip", "aroundtrip", "lost", "pool_roundtrip", "roundtrip"]
+__all__ = [
+    "LINK_ERRORS",
+    "Plan",
+    "apool_roundtrip",
+    "aroundtrip",
+    "arun_plan",
+    "check_client",
+    "lost",
+    "pool_roundtrip",
+    "roundtrip",
+    "run_plan",
+]
 
 LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -116,3 +128,54 @@ async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]
         return await aroundtrip(conn, commands)
     finally:
         await pool.release(conn)
+
+
+_T = TypeVar("_T")
+#: A plan: a generator that yields the commands of one round trip, is sent their replies and
+#: returns its result. It holds every decision, so one plan serves the sync and asyncio twins.
+Plan = Generator[list[Command], list[Any], _T]
+
+
+def run_plan(client: Any, plan: Plan[_T]) -> _T:
+    """Carry ``plan``'s round trips on ``client``'s pool; a lost connection is thrown into the
+    plan (which may report its progress) and, unless it handles it, out of here."""
+    try:
+        commands = next(plan)
+        while True:
+            try:
+                replies = pool_roundtrip(client, commands)
+            except ConnectionLost as exc:
+                commands = plan.throw(exc)
+            else:
+                commands = plan.send(replies)
+    except StopIteration as finished:
+        return cast(_T, finished.value)
+
+
+async def arun_plan(client: Any, plan: Plan[_T]) -> _T:
+    """``run_plan`` for an asyncio client."""
+    try:
+        commands = next(plan)
+        while True:
+            try:
+                replies = await apool_roundtrip(client, commands)
+            except ConnectionLost as exc:
+                commands = plan.throw(exc)
+            else:
+                commands = plan.send(replies)
+    except StopIteration as finished:
+        return cast(_T, finished.value)
+
+
+def check_client(client: Any, *, asyncio: bool, owner: str, twin: str) -> None:
+    """Raise ConfigError unless ``client`` is a redis.Redis (with ``asyncio``, a
+    redis.asyncio.Redis): conveyor talks to its connection pool directly."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or not hasattr(pool, "get_connection"):
+        raise ConfigError(
+            f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
+            "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
+        )
+    if inspect.iscoroutinefunction(pool.get_connection) is not asyncio:
+        wanted = "an asyncio client" if asyncio else "a sync client"
+        raise ConfigError(f"{owner} needs {wanted}; use {twin} for this client")

@@ -21,13 +21,14 @@ from __future__ import annotations
 import builtins
 import inspect
 import logging
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
 from conveyor import _io
 from conveyor._core import commands as cmd
+from conveyor._io import Plan
 from conveyor._keys import dead_letter_key
 from conveyor.config import check_encoding, check_int, check_name, is_stream_id
 from conveyor.errors import ConfigError, ConnectionLost, ServerError
@@ -53,7 +54,6 @@ MAX_LIST_COUNT = 100_000
 
 _T = TypeVar("_T")
 #: yields the commands of one round trip, is sent their replies, returns the method's result
-Plan = Generator[list[cmd.Command], list[Any], _T]
 Where = Callable[["DeadLetter"], bool]
 OnProgress = Callable[[int, int], None]
 
@@ -404,17 +404,7 @@ class DeadLetters(_DeadLettersBase):
         return self._run(self._purge_plan(where, dry_run, on_progress))
 
     def _run(self, plan: Plan[_T]) -> _T:
-        try:
-            commands = next(plan)
-            while True:
-                try:
-                    replies = _io.pool_roundtrip(self.client, commands)
-                except ConnectionLost as exc:
-                    commands = plan.throw(exc)
-                else:
-                    commands = plan.send(replies)
-        except StopIteration as finished:
-            return cast(_T, finished.value)
+        return _io.run_plan(self.client, plan)
 
 
 class AsyncDeadLetters(_DeadLettersBase):
@@ -456,14 +446,4 @@ class AsyncDeadLetters(_DeadLettersBase):
         return await self._run(self._purge_plan(where, dry_run, on_progress))
 
     async def _run(self, plan: Plan[_T]) -> _T:
-        try:
-            commands = next(plan)
-            while True:
-                try:
-                    replies = await _io.apool_roundtrip(self.client, commands)
-                except ConnectionLost as exc:
-                    commands = plan.throw(exc)
-                else:
-                    commands = plan.send(replies)
-        except StopIteration as finished:
-            return cast(_T, finished.value)
+        return await _io.arun_plan(self.client, plan)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -22,6 +21,7 @@ from conveyor._core import commands as cmd
 from conveyor._core import status
 from conveyor._core.monitor_scripts import COUNT_AFTER, MOVE_DEAD_ENTRIES
 from conveyor._core.scripts import REMOVE_IF_IDLE
+from conveyor._io import Plan as Step
 from conveyor._keys import heartbeat_key
 from conveyor.config import check_name
 from conveyor.errors import ConfigError, GroupMissingError, ServerError
@@ -53,7 +53,6 @@ MOVE_CHUNK = 100
 
 T = TypeVar("T")
 #: a step of work: yields the commands of one round trip, receives their replies
-Step = Generator[list[cmd.Command], list[Any], T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,12 +382,7 @@ class Monitor(_MonitorBase):
         return self._run(self._cleanup(snapshot))
 
     def _run(self, step: Step[T]) -> T:
-        try:
-            commands = next(step)
-            while True:
-                commands = step.send(_io.pool_roundtrip(self.client, commands))
-        except StopIteration as done:
-            return cast(T, done.value)
+        return _io.run_plan(self.client, step)
 
 
 class AsyncMonitor(_MonitorBase):
@@ -407,9 +401,4 @@ class AsyncMonitor(_MonitorBase):
         return await self._run(self._cleanup(snapshot))
 
     async def _run(self, step: Step[T]) -> T:
-        try:
-            commands = next(step)
-            while True:
-                commands = step.send(await _io.apool_roundtrip(self.client, commands))
-        except StopIteration as done:
-            return cast(T, done.value)
+        return await _io.arun_plan(self.client, step)

@@ -21,15 +21,14 @@ The script touches only the stream's key, so it also runs on a Redis Cluster nod
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Generator
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from redis.exceptions import ResponseError
 
 from conveyor import _io
 from conveyor._core import commands as cmd
+from conveyor._io import Plan
 from conveyor.config import check_name
 from conveyor.errors import ConfigError, ServerError
 from conveyor.models import TrimReport
@@ -43,8 +42,6 @@ DRY_RUN_COUNT_LIMIT = 1_000_000
 #: entries per XRANGE page while a dry run counts
 PAGE_SIZE = 1_000
 
-_T = TypeVar("_T")
-Plan = Generator[list[cmd.Command], list[Any], _T]
 
 #: Compute the cut over every group and, unless ARGV[1] is '1' (dry run), trim below it.
 #: Ids are compared as decimal strings (their parts may exceed a Lua number's exact range).
@@ -166,19 +163,6 @@ def _count_below(
     return counted, True
 
 
-def _check_client(client: Any, asyncio: bool) -> None:
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not hasattr(pool, "get_connection"):
-        raise ConfigError(
-            f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-            "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
-        )
-    if inspect.iscoroutinefunction(pool.get_connection) is not asyncio:
-        if asyncio:
-            raise ConfigError("async_safe_trim needs an asyncio client; use safe_trim")
-        raise ConfigError("safe_trim needs a sync client; use await async_safe_trim")
-
-
 def safe_trim(client: Any, stream: str, *, dry_run: bool = False) -> TrimReport:
     """Remove the entries of ``stream`` that every consumer group has delivered and acked.
 
@@ -191,14 +175,8 @@ def safe_trim(client: Any, stream: str, *, dry_run: bool = False) -> TrimReport:
     >>> print(report)                                      # doctest: +SKIP
     orders: would trim 9000 of 9500; cut at 1700000000123-0: the oldest pending entry of ...
     """
-    _check_client(client, False)
-    plan = _trim_plan(stream, dry_run)
-    try:
-        commands = next(plan)
-        while True:
-            commands = plan.send(_io.pool_roundtrip(client, commands))
-    except StopIteration as finished:
-        return cast(TrimReport, finished.value)
+    _io.check_client(client, asyncio=False, owner="safe_trim", twin="await async_safe_trim")
+    return _io.run_plan(client, _trim_plan(stream, dry_run))
 
 
 async def async_safe_trim(client: Any, stream: str, *, dry_run: bool = False) -> TrimReport:
@@ -206,11 +184,5 @@ async def async_safe_trim(client: Any, stream: str, *, dry_run: bool = False) ->
 
     >>> report = await async_safe_trim(ar, "orders")       # doctest: +SKIP
     """
-    _check_client(client, True)
-    plan = _trim_plan(stream, dry_run)
-    try:
-        commands = next(plan)
-        while True:
-            commands = plan.send(await _io.apool_roundtrip(client, commands))
-    except StopIteration as finished:
-        return cast(TrimReport, finished.value)
+    _io.check_client(client, asyncio=True, owner="async_safe_trim", twin="safe_trim")
+    return await _io.arun_plan(client, _trim_plan(stream, dry_run))

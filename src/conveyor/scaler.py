@@ -21,12 +21,10 @@ the commands of a round trip, so the sync and asyncio twins only carry them.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
-from collections.abc import Generator
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -40,6 +38,7 @@ from conveyor._core.scaling import (
     seed_rate,
     seed_suggestion,
 )
+from conveyor._io import Plan
 from conveyor.config import check_int, check_name
 from conveyor.errors import ConfigError, GroupMissingError, ServerError
 from conveyor.models import ScaleDecision, ScaleSample
@@ -54,21 +53,6 @@ STUCK_COUNT_LIMIT = 10_000
 LAG_COUNT_LIMIT = 10_000
 
 _T = TypeVar("_T")
-Plan = Generator[list[cmd.Command], list[Any], _T]
-
-
-def _check_client(client: Any, owner: type, asyncio: bool, twin: str) -> None:
-    """Raise ConfigError unless ``client`` is a redis.Redis (or, with ``asyncio``, a
-    redis.asyncio.Redis): conveyor talks to its connection pool directly."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not hasattr(pool, "get_connection"):
-        raise ConfigError(
-            f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-            "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
-        )
-    if inspect.iscoroutinefunction(pool.get_connection) is not asyncio:
-        wanted = "an asyncio client" if asyncio else "a sync client"
-        raise ConfigError(f"{owner.__name__} needs {wanted}; use {twin} for this client")
 
 
 class _ScalerBase:
@@ -93,7 +77,7 @@ class _ScalerBase:
     ) -> None:
         check_name("stream", stream)
         check_name("group", group)
-        _check_client(client, type(self), self._asyncio, self._twin)
+        _io.check_client(client, asyncio=self._asyncio, owner=type(self).__name__, twin=self._twin)
         self.client = client
         self.stream = stream
         self.group = group
@@ -251,12 +235,7 @@ class Scaler(_ScalerBase):
         return self._run(self._decide_plan(scale_out_rate, scale_in_rate))
 
     def _run(self, plan: Plan[_T]) -> _T:
-        try:
-            commands = next(plan)
-            while True:
-                commands = plan.send(_io.pool_roundtrip(self.client, commands))
-        except StopIteration as finished:
-            return cast(_T, finished.value)
+        return _io.run_plan(self.client, plan)
 
 
 class AsyncScaler(_ScalerBase):
@@ -277,12 +256,7 @@ class AsyncScaler(_ScalerBase):
         return await self._run(self._decide_plan(scale_out_rate, scale_in_rate))
 
     async def _run(self, plan: Plan[_T]) -> _T:
-        try:
-            commands = next(plan)
-            while True:
-                commands = plan.send(await _io.apool_roundtrip(self.client, commands))
-        except StopIteration as finished:
-            return cast(_T, finished.value)
+        return await _io.arun_plan(self.client, plan)
 
 
 # ---------------------------------------------------------------------------------------------
