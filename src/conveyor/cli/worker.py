@@ -219,8 +219,10 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
       conveyor run myapp.tasks:handle --stream orders --group billing
       conveyor run tasks:handle -s orders -g billing --concurrency 4 --metrics-port 9100
     """
-    handler = load_handler(target, options["app_dir"])
     concurrency: int = options["concurrency"]
+    if concurrency == 1:
+        _early_stop.install()
+    handler = load_handler(target, options["app_dir"])
     port: int | None = options["metrics_port"]
     if port is not None:
         _metrics_ready()
@@ -237,6 +239,33 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
         asyncio.run(_run_async(target, handler, options))
     else:
         _run_sync(target, handler, options)
+
+
+class _EarlyStop:
+    """SIGTERM/SIGINT before ``run()`` has installed its own handlers (while the process is
+    still importing and connecting): remembered and passed on as ``consumer.stop()``, so an
+    early signal is a clean stop (exit 0), not death by the signal's default action."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.consumer: Consumer | AsyncConsumer | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self)
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        self.requested = True
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    def attach(self, consumer: Consumer | AsyncConsumer) -> None:
+        self.consumer = consumer
+        if self.requested:
+            consumer.stop()
+
+
+_early_stop = _EarlyStop()
 
 
 def _consumer_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +306,7 @@ def _run_sync(target: str, handler: Callable[..., Any], options: dict[str, Any])
         consumer = Consumer(
             client, options["stream"], options["group"], **_consumer_options(options)
         )
+        _early_stop.attach(consumer)
         if options["metrics_port"] is not None:
             handler, server = _serve_metrics(
                 consumer, handler, options["metrics_port"], options["metrics_addr"]
@@ -297,6 +327,7 @@ async def _run_async(target: str, handler: Callable[..., Any], options: dict[str
         consumer = AsyncConsumer(
             client, options["stream"], options["group"], **_consumer_options(options)
         )
+        _early_stop.attach(consumer)
         if options["metrics_port"] is not None:
             handler, server = _serve_metrics(
                 consumer, handler, options["metrics_port"], options["metrics_addr"]
@@ -337,10 +368,12 @@ def _supervise(target: str, options: dict[str, Any], verbose: int) -> int:
         env["REDIS_URL"] = options["url"]  # not in argv, where ps would show a password
     workers: list[subprocess.Popen[bytes]] = []
     signals_seen = 0
+    forwarded: set[int] = set()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal signals_seen
         signals_seen += 1
+        forwarded.add(signum)
         name = signal.Signals(signum).name
         log.warning("%s received: passing it on to the workers (%s)", name, _pids(workers))
         for worker in workers:
@@ -370,7 +403,9 @@ def _supervise(target: str, options: dict[str, Any], verbose: int) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    bad = [w for w in workers if w.returncode != 0]
+    # A worker killed by a signal we passed on had not installed its handlers yet (it was still
+    # starting: they go in before it reads anything), so it consumed nothing: a clean stop.
+    bad = [w for w in workers if w.returncode != 0 and -w.returncode not in forwarded]
     if bad:
         codes = ", ".join(f"pid {w.pid} exited with code {w.returncode}" for w in bad)
         raise CliError(f"{len(bad)} of {len(workers)} workers failed: {codes}")
