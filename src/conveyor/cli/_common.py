@@ -139,3 +139,29 @@ def quiet_broken_pipe() -> Iterator[None]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise SystemExit(1) from None
+
+
+def status_options(func: F) -> F:
+    """The options that decide a consumer's status, shared by ``monitor`` and ``exporter``."""
+    func = click.option(
+        "--heartbeat-ms",
+        metavar="MS",
+        type=click.IntRange(min=1),
+        help="The consumers' heartbeat interval (default: theirs); three missed beats: DEAD.",
+    )(func)
+    func = click.option(
+        "--idle-threshold-ms",
+        metavar="MS",
+        type=click.IntRange(min=1),
+        default=30_000,
+        show_default=True,
+        help="A consumer idle longer than this gets a warning.",
+    )(func)
+    return click.option(
+        "--batch-size",
+        metavar="N",
+        type=click.IntRange(min=1),
+        default=2,
+        show_default=True,
+        help="A consumer holding more pending entries than this gets a warning.",
+    )(func)

@@ -7,6 +7,7 @@ import time
 import click
 
 from conveyor.cli import CliError, _sigterm_as_interrupt, main, open_client, redis_options
+from conveyor.cli._common import status_options
 
 
 @main.command()
@@ -43,28 +44,7 @@ from conveyor.cli import CliError, _sigterm_as_interrupt, main, open_client, red
     show_default=True,
     help="Collect every S seconds and serve the latest; 0: collect at each scrape.",
 )
-@click.option(
-    "--batch-size",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Status: a consumer holding more pending entries than this gets a warning.",
-)
-@click.option(
-    "--idle-threshold-ms",
-    metavar="MS",
-    type=click.IntRange(min=1),
-    default=30_000,
-    show_default=True,
-    help="Status: a consumer idle longer than this gets a warning.",
-)
-@click.option(
-    "--heartbeat-ms",
-    metavar="MS",
-    type=click.IntRange(min=1),
-    help="The consumers' heartbeat interval (default: theirs); three missed beats: DEAD.",
-)
+@status_options
 @redis_options()
 def exporter(
     port: int,

@@ -11,7 +11,14 @@ from rich.console import Console, Group
 from rich.text import Text
 
 from conveyor.cli import _sigterm_as_interrupt, main, redis_options
-from conveyor.cli._common import client_for, group_info, groups_of, quiet_broken_pipe, stream_option
+from conveyor.cli._common import (
+    client_for,
+    group_info,
+    groups_of,
+    quiet_broken_pipe,
+    status_options,
+    stream_option,
+)
 from conveyor.models import CleanupReport, Health
 from conveyor.monitor import Monitor, Snapshot
 
@@ -56,28 +63,7 @@ def cleanup_lines(report: CleanupReport) -> list[str]:
 @main.command()
 @stream_option
 @click.option("-g", "--group", metavar="GROUP", help="Only this group. Default: every group.")
-@click.option(
-    "--batch-size",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="A consumer holding more pending entries than this gets a warning.",
-)
-@click.option(
-    "--idle-threshold-ms",
-    metavar="MS",
-    type=click.IntRange(min=1),
-    default=30_000,
-    show_default=True,
-    help="A consumer idle longer than this gets a warning.",
-)
-@click.option(
-    "--heartbeat-ms",
-    metavar="MS",
-    type=click.IntRange(min=1),
-    help="The consumers' heartbeat interval (default: theirs); three missed beats: DEAD.",
-)
+@status_options
 @click.option(
     "--max-lag", metavar="N", type=click.IntRange(min=0), help="A lag above N is critical."
 )
