@@ -229,10 +229,14 @@ def parse_read(
             continue
         result.counts[stream] = len(entries)
         if counts_by_id is None and _plain(entries, encoding):
-            # The hot path: new entries, already decoded as asked, none deleted.
+            # The hot path: new entries, already decoded as asked.
+            append = out.append
             for msg_id, flat in entries:
-                it = iter(flat)
-                out.append(Message(stream, msg_id, dict(zip(it, it, strict=False)), fixed))
+                if flat:
+                    it = iter(flat)
+                    append(Message(stream, msg_id, dict(zip(it, it)), fixed))  # noqa: B905
+                else:
+                    result.deleted.append((stream, msg_id))
             result.last_ids[stream] = entries[-1][0]
             continue
         last = ""
@@ -256,16 +260,14 @@ def parse_read(
 
 
 def _plain(entries: Any, encoding: str | None) -> bool:
-    """True when every entry is ``[str id, non-empty flat list]`` of the wanted kind: then no
-    per-entry conversion is needed. Checks the kinds once, on the first entry; a reply is
-    uniform (one connection decodes all of it or none)."""
+    """True when the entries are ``[str id, flat list]`` of the wanted kind: then no per-entry
+    conversion is needed. Checks the kinds once, on the first entry; a reply is uniform (one
+    connection decodes all of it or none)."""
     first = entries[0]
     flat = first[1]
     if type(first[0]) is not str or type(flat) is not list or not flat:
         return False
-    if (encoding is None) is not (type(flat[0]) is bytes):
-        return False
-    return all(e[1] for e in entries)
+    return (encoding is None) is (type(flat[0]) is bytes)
 
 
 def parse_pending_counts(reply: Any) -> dict[str, int]:
