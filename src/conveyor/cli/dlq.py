@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from conveyor.cli import (
     open_client,
     redis_options,
 )
+from conveyor.cli._common import confirm
 from conveyor.deadletter import DeadLetter, DeadLetters, OnProgress, Where, matching
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -96,21 +96,6 @@ def _dead_letters(url: str | None, stream: str, dead_letter: str | None) -> Iter
         yield DeadLetters(client, stream, dead_letter=dead_letter)
     finally:
         client.close()
-
-
-def _must_ask(action: str, *, yes: bool, dry_run: bool) -> bool:
-    """True when the user must confirm ``action`` first; without a terminal to ask on, refuse
-    at once rather than wait for an answer that cannot come."""
-    if yes or dry_run:
-        return False
-    if not sys.stdin.isatty():
-        raise CliError(f"not confirmed: stdin is not a terminal; pass --yes to {action}")
-    return True
-
-
-def _ask(question: str) -> None:
-    if not click.confirm(question, default=False, err=True):
-        raise CliError("cancelled: nothing was changed")
 
 
 def _with_progress(label: str, interrupted: str, work: Callable[[OnProgress], T]) -> T:
@@ -252,11 +237,13 @@ def replay(
     """
     where = _where(error_contains, group, origin_ids, before_ms)
     with _dead_letters(url, stream, dead_letter) as dead:
-        if _must_ask("replay", yes=yes, dry_run=dry_run):
+        if not (dry_run or yes):  # a question to ask, or to quote in the refusal
             plan = dead.replay(where=where, dry_run=True, limit=limit)
-            _ask(
+            confirm(
                 f"Replay {plan.replayed} of {plan.matched} matching entries from "
-                f"{dead.dead_letter} to their origin streams?"
+                f"{dead.dead_letter} to their origin streams?",
+                yes=yes,
+                action="replay",
             )
         result = _with_progress(
             "replay",
@@ -302,10 +289,14 @@ def purge(
     """
     where = _where(error_contains, group, origin_ids, before_ms)
     with _dead_letters(url, stream, dead_letter) as dead:
-        if _must_ask("purge", yes=yes, dry_run=dry_run):
+        if not (dry_run or yes):  # a question to ask, or to quote in the refusal
             doomed = dead.purge(where=where, dry_run=True)
             which = "that match" if where is not None else "(all of them)"
-            _ask(f"Delete {_entries(doomed)} {which} from {dead.dead_letter}? It cannot be undone.")
+            confirm(
+                f"Delete {_entries(doomed)} {which} from {dead.dead_letter}? It cannot be undone.",
+                yes=yes,
+                action="purge",
+            )
         purged = _with_progress(
             "purge",
             "the purge stopped partway",
