@@ -16,15 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
 from conveyor._core.machine import ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
-from conveyor.errors import ConfigError, ConnectionLost, ServerError
+from conveyor.errors import ConfigError, ConnectionLost, ConveyorError, ServerError
 from conveyor.models import ACK, DEAD, Batch, Message, describe_error
 
 __all__ = ["Handler", "Outage", "_ConsumerBase", "default_consumer_name", "now_ms"]
@@ -33,6 +31,10 @@ log = logging.getLogger("conveyor.consumer")
 
 #: server errors that mean "this server cannot serve us right now": reconnect and retry
 _TRANSIENT = {"READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"}
+#: in-flight ids renewed by one heartbeat script (its ARGV; Lua claims them in chunks)
+_RENEW_CHUNK = 2_000
+#: a refusal that repeats is logged again at most this often
+_REPEAT_LOG_S = 60.0
 #: heartbeats hash lifetime: far beyond any timeout, so an abandoned group leaves no key behind
 _HEARTBEATS_TTL_MS = 24 * 3600 * 1000
 
@@ -49,23 +51,55 @@ def default_consumer_name() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def _raw(value: Any, encoding: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode(encoding, "surrogateescape")
+    return str(value).encode()
+
+
 def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
 class Outage:
-    """One log line when the connection is lost, one when it is back; backoff in between."""
+    """One log line when reading fails, one when it works again; backoff in between.
+
+    A lost connection or a server that cannot serve right now (READONLY, LOADING, ...) is a
+    WARNING; any other failure an ERROR (with its traceback when it is not a ConveyorError).
+    A failure that lasts is logged again once a minute.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.attempts = 0
         self.since = 0.0
+        self._logged = 0.0
 
     def failed(self, exc: BaseException) -> float:
         """Note a failed attempt; returns how long to wait before the next, in seconds."""
+        now = time.monotonic()
         if self.attempts == 0:
-            self.since = time.monotonic()
-            log.warning("consumer %r: %s; reconnecting with backoff", self.name, exc)
+            self.since = self._logged = now
+            if isinstance(exc, ConnectionLost):
+                log.warning("consumer %r: %s; reconnecting with backoff", self.name, exc)
+            else:
+                log.error(
+                    "consumer %r: %s; retrying with backoff",
+                    self.name,
+                    exc,
+                    exc_info=None if isinstance(exc, ConveyorError) else exc,
+                )
+        elif now - self._logged >= _REPEAT_LOG_S:
+            self._logged = now
+            log.warning(
+                "consumer %r: still failing after %.0f s (%d attempts): %s",
+                self.name,
+                now - self.since,
+                self.attempts,
+                exc,
+            )
         else:
             log.debug("consumer %r: still failing: %s", self.name, exc)
         self.attempts += 1
@@ -74,7 +108,7 @@ class Outage:
     def over(self) -> None:
         if self.attempts:
             log.warning(
-                "consumer %r: connection back after %.1f s (%d attempts)",
+                "consumer %r: working again after %.1f s (%d attempts)",
                 self.name,
                 time.monotonic() - self.since,
                 self.attempts,
@@ -102,6 +136,7 @@ class _ConsumerBase:
         heartbeat_ms: int | None = None,
         retry_backoff_ms: int = 1_000,
         retry_backoff_max_ms: int = 60_000,
+        handler_timeout_ms: int | None = None,
     ) -> None:
         streams = (stream,) if isinstance(stream, str | bytes) else tuple(stream)
         if any(isinstance(s, bytes) for s in streams):
@@ -120,6 +155,7 @@ class _ConsumerBase:
             heartbeat_ms=heartbeat_ms,
             retry_backoff_ms=retry_backoff_ms,
             retry_backoff_max_ms=retry_backoff_max_ms,
+            handler_timeout_ms=handler_timeout_ms,
         )
         self.client = client
         self._machine = ConsumerMachine(self.config)
@@ -137,6 +173,8 @@ class _ConsumerBase:
         self._inflight_lock = threading.Lock()
         # Settling commands (acks, dead letters) not confirmed by the server yet.
         self._unsent: list[cmd.Command] = []
+        # When each kind of refusal that is retried was last logged (time.monotonic()).
+        self._refusals: dict[str, float] = {}
         #: messages acknowledged by this consumer (XACK replies that removed an entry)
         self.acked_count = 0
         #: acks the server answered with 0: the entry was no longer pending for the group
@@ -147,6 +185,12 @@ class _ConsumerBase:
         self.failed_count = 0
         #: in-flight entries another consumer took over (this one looked dead or too slow)
         self.lost_count = 0
+        #: batches whose handler ran past handler_timeout_ms
+        self.timed_out_count = 0
+        # The batch run() is handling and when it was handed over (now_ms()); the batch
+        # given up because its handler ran past handler_timeout_ms.
+        self._handling: tuple[Batch, int] | None = None
+        self._given_up: Batch | None = None
 
     # -- public, I/O-free ----------------------------------------------------------------------
 
@@ -251,10 +295,16 @@ class _ConsumerBase:
         return [cmd.xack(s, self.group, ids) for s, ids in by_stream.items()]
 
     def _dead_letter_command(self, msg: Message, reason: str) -> cmd.Command:
-        flat: list[Any] = []
+        """The atomic move of ``msg`` to its dead-letter stream, byte for byte: values the
+        reader decoded with ``surrogateescape`` go back as the bytes they came from; an entry
+        with more fields than one Lua call takes travels packed into one field."""
+        encoding = self.config.encoding or "utf-8"
+        flat: list[bytes] = []
         for key, value in msg.fields.items():
-            flat.append(key)
-            flat.append(value)
+            flat.append(_raw(key, encoding))
+            flat.append(_raw(value, encoding))
+        if len(flat) > 2 * cmd.MAX_INLINE_FIELDS:
+            flat = [cmd.PACKED_FIELDS.encode(), cmd.pack_fields(flat)]
         return (
             "EVAL",
             scripts.DEAD_LETTER,
@@ -265,7 +315,7 @@ class _ConsumerBase:
             self.name,
             msg.id,
             msg.deliveries,
-            reason,
+            reason.encode("utf-8", "backslashreplace"),
             *flat,
         )
 
@@ -305,52 +355,181 @@ class _ConsumerBase:
             self._forget(stream, ids)
         return [cmd.xack(s, self.group, ids) for s, ids in acked.items()] + commands
 
+    def _handler_failed(self, batch: Batch, exc: BaseException) -> None:
+        log.error(
+            "consumer %r: handler failed on a batch of %d (%s..%s): %r",
+            self.name,
+            len(batch),
+            batch[0].id,
+            batch[-1].id,
+            exc,
+            exc_info=exc,
+        )
+
+    def _handler_overdue(self, now: int) -> bool:
+        """True when the batch in hand has been with its handler past handler_timeout_ms."""
+        limit = self.config.handler_timeout_ms
+        handling = self._handling
+        return (
+            limit is not None
+            and handling is not None
+            and self._given_up is not handling[0]
+            and now - handling[1] >= limit
+        )
+
+    def _give_up_commands(self, batch: Batch) -> list[cmd.Command]:
+        """The handler ran past ``handler_timeout_ms``: its unsettled messages stop being
+        renewed and are made idle at once, so the other consumers' reclaim takes them now."""
+        self._given_up = batch
+        self.timed_out_count += 1
+        by_stream: dict[str, list[str]] = {}
+        for msg in batch:
+            if batch.outcome(msg) is None:
+                by_stream.setdefault(msg.stream, []).append(msg.id)
+        for stream, ids in by_stream.items():
+            with self._inflight_lock:
+                self._inflight[stream].difference_update(ids)
+        log.error(
+            "consumer %r: handler still running after handler_timeout_ms=%d on a batch of %d "
+            "(%s..%s); its %d unsettled messages are given up to the other consumers, and its "
+            "late acks will count as stale",
+            self.name,
+            self.config.handler_timeout_ms,
+            len(batch),
+            batch[0].id,
+            batch[-1].id,
+            sum(len(ids) for ids in by_stream.values()),
+        )
+        idle = self.config.claim_idle_ms
+        return [
+            ("EVAL", scripts.GIVE_UP, 1, s, self.group, self.name, idle, *ids)
+            for s, ids in by_stream.items()
+        ]
+
+    def _late_settle_commands(self, batch: Batch) -> list[cmd.Command]:
+        """Settle a batch given up on: acks only where this consumer still owns the entry
+        (the rest count as stale), dead-letter moves (they check ownership); failures and
+        unsettled messages are left to whoever holds them now."""
+        acked: dict[str, list[str]] = {}
+        commands: list[cmd.Command] = []
+        for msg in batch:
+            outcome = batch.outcome(msg)
+            if outcome is not None and outcome[0] == ACK:
+                acked.setdefault(msg.stream, []).append(msg.id)
+            elif outcome is not None and outcome[0] == DEAD:
+                commands.append(self._dead_letter_command(msg, outcome[1] or "dead-lettered"))
+            self._forget(msg.stream, (msg.id,))
+        return [
+            ("EVAL", scripts.ACK_IF_MINE, 1, s, self.group, self.name, *ids)
+            for s, ids in acked.items()
+        ] + commands
+
+    def _handled(self, batch: Batch, error: BaseException | None) -> None:
+        """``run()``'s handler is done with ``batch``: what settles it goes with the next
+        read (one round trip), or out with close() when stopping."""
+        self._handling = None
+        if self._given_up is batch:
+            self._given_up = None
+            self._unsent.extend(self._late_settle_commands(batch))
+        else:
+            self._unsent.extend(self._settle_commands(batch, error))
+
     def _overdue_commands(self) -> list[cmd.Command]:
         commands = []
         for msg in self._machine.take_overdue():
             reason = (
-                f"delivered {msg.deliveries} times, more than max_deliveries="
-                f"{self.config.max_deliveries}, without being settled (its consumers stopped "
-                "while handling it)"
+                f"delivered {msg.deliveries} times (max_deliveries="
+                f"{self.config.max_deliveries}) and never settled: each consumer it was "
+                "handed to crashed, was killed or gave it up before acknowledging or failing it"
             )
             log.warning("message %s of %r: %s; dead-lettering it", msg.id, msg.stream, reason)
             commands.append(self._dead_letter_command(msg, reason))
         return commands
 
-    def _count_replies(self, commands: Sequence[cmd.Command], replies: Sequence[Any]) -> int:
-        """Account for the replies of acks and dead-letter moves; returns entries acked."""
+    def _count_replies(
+        self, commands: Sequence[cmd.Command], replies: Sequence[Any], *, keep: bool = False
+    ) -> int:
+        """Account for the replies of acks and dead-letter moves; returns entries acked.
+
+        A refused command raises (the first error, once every reply is counted); with ``keep``
+        (``run()``'s settling) it is kept and sent again with the next read instead: acks are
+        idempotent and moves re-check ownership, so a move refused for lack of memory is simply
+        retried later.
+        """
         done = 0
+        refused: list[tuple[cmd.Command, Any]] = []
         for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                raise self._reply_error(reply, f"{command[0]} on stream {command[1]!r}")
-            if command[0] == "XACK":
+            if isinstance(reply, Exception):
+                refused.append((command, reply))
+            elif command[0] == "XACK":
                 done += int(reply)
                 self.stale_ack_count += len(command) - 3 - int(reply)
+            elif command[1] == scripts.ACK_IF_MINE:
+                done += int(reply)
+                self.stale_ack_count += len(command) - 6 - int(reply)
             else:  # EVAL DEAD_LETTER: 1 moved, 0 no longer ours
                 self.dead_lettered_count += int(reply)
         self.acked_count += done
+        if refused:
+            errors = [self._reply_error(r, self._what(c)) for c, r in refused]
+            if not keep:
+                raise errors[0]
+            self._unsent.extend(c for c, _ in refused)
+            self._log_refusal(f"settling {len(refused)} command(s) refused", errors[0])
+        elif keep and self._refusals:
+            self._refusals.pop("settling", None)
         return done
 
-    def _reply_error(self, reply: ResponseError, what: str) -> Exception:
+    @staticmethod
+    def _what(command: cmd.Command) -> str:
+        if command[0] == "EVAL":
+            step = "dead-letter move" if command[1] == scripts.DEAD_LETTER else "settling step"
+            return f"{step} on stream {command[3]!r}"
+        return f"{command[0]} on stream {command[1]!r}"
+
+    def _log_refusal(self, kind: str, error: Exception) -> None:
+        """Log a refusal that is retried: at once the first time, then at most once a minute."""
+        now = time.monotonic()
+        key = kind.split(" ", 1)[0]
+        last = self._refusals.get(key)
+        if last is None or now - last >= _REPEAT_LOG_S:
+            self._refusals[key] = now
+            log.warning("consumer %r: %s: %s; retried with the next reads", self.name, kind, error)
+
+    def _reply_error(self, reply: BaseException, what: str) -> Exception:
+        """A server error reply as conveyor's exception, classified by its code (from the
+        exception class: redis-py strips the code from the text) and on one line."""
         code = cmd.error_code(reply)
+        text = cmd.error_text(reply)
         if code in _TRANSIENT:
-            return ConnectionLost(f"{what}: server at {describe(self.client)} said: {reply}")
+            return ConnectionLost(f"{what}: server at {describe(self.client)} said: {text}")
         if code in ("MOVED", "ASK"):
             return ConfigError(
-                f"{what}: the server is part of a Redis Cluster ({reply}); pass a cluster client"
+                f"{what}: the server at {describe(self.client)} is a Redis Cluster node and "
+                f"redirected us ({text}); pass a cluster client"
             )
-        return ServerError(f"{what} for group {self.group!r} failed: {reply}")
+        return ServerError(f"{what} for group {self.group!r} failed: {text}")
 
     def _setup_outcome(self, replies: Sequence[Any]) -> None:
         for stream, reply in zip(self.streams, replies, strict=True):
-            if isinstance(reply, ResponseError) and cmd.error_code(reply) != "BUSYGROUP":
+            if isinstance(reply, Exception):
                 raise self._reply_error(reply, f"creating group {self.group!r} on {stream!r}")
+            outcome = cmd.as_text(reply)
+            if outcome.startswith("refused"):
+                log.warning(
+                    "consumer %r: the server refused to create group %r on %r (%s), but the "
+                    "group exists: starting",
+                    self.name,
+                    self.group,
+                    stream,
+                    outcome.partition(": ")[2],
+                )
         self._ready = True
 
     def _read_errors(self, plan: ReadPlan, replies: Sequence[Any]) -> bool:
         """Handle error replies of a read. True: the group is gone and must be recreated."""
         for reply in replies:
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, Exception):
                 code = cmd.error_code(reply)
                 if code in ("NOGROUP", "UNBLOCKED"):  # deleted (or moved) while we read
                     return True
@@ -386,40 +565,39 @@ class _ConsumerBase:
         """Account for the carried commands' replies; returns the read's own replies."""
         if not carry:
             return replies
-        try:
-            self._count_replies(carry, replies[: len(carry)])
-        except BaseException:
-            self._machine.reply_lost()  # the read's entries are re-read from our pending list
-            raise
+        self._count_replies(carry, replies[: len(carry)], keep=True)
         return replies[len(carry) :]
 
     def _after_read_commands(self) -> list[cmd.Command]:
         return self._drop_commands() + self._overdue_commands()
 
-    def _heartbeat_commands(self) -> list[cmd.Command]:
+    def _heartbeat_commands(self) -> list[tuple[str, cmd.Command]]:
+        """``(stream, command)`` pairs: per stream, the beat and the renewal of its in-flight
+        entries, in chunks of ``_RENEW_CHUNK`` ids (any batch size fits)."""
         with self._inflight_lock:
             inflight = {s: list(ids) for s, ids in self._inflight.items()}
-        return [
-            (
-                "EVAL",
-                scripts.HEARTBEAT,
-                2,
-                s,
-                heartbeat_key(s, self.group),
-                self.group,
-                self.name,
-                _HEARTBEATS_TTL_MS,
-                policy.heartbeat_timeout_ms(self.config.heartbeat_interval_ms),
-                *inflight[s],
-            )
-            for s in self.streams
-        ]
+        timeout_ms = policy.heartbeat_timeout_ms(self.config.heartbeat_interval_ms)
+        out: list[tuple[str, cmd.Command]] = []
+        for s in self.streams:
+            ids = inflight[s]
+            key = heartbeat_key(s, self.group)
+            for at in range(0, max(len(ids), 1), _RENEW_CHUNK):
+                head = ("EVAL", scripts.HEARTBEAT, 2, s, key, self.group, self.name)
+                beat = 1 if at == 0 else 0
+                chunk = ids[at : at + _RENEW_CHUNK]
+                out.append((s, (*head, _HEARTBEATS_TTL_MS, timeout_ms, beat, *chunk)))
+        return out
 
-    def _heartbeat_outcome(self, replies: Sequence[Any]) -> None:
-        for stream, reply in zip(self.streams, replies, strict=True):
-            if isinstance(reply, ResponseError):
+    def _heartbeat_outcome(
+        self, sent: Sequence[tuple[str, cmd.Command]], replies: Sequence[Any]
+    ) -> None:
+        for (stream, _command), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, Exception):
                 raise self._reply_error(reply, f"heartbeat on {stream!r}")
-            lost = [cmd.as_text(x) for x in reply or ()]
+            lost = [cmd.as_text(x) for x in reply[0] or ()]
+            refused = cmd.as_text(reply[1]) if len(reply) > 1 and reply[1] else ""
+            if refused:
+                self._beat_refused(stream, refused)
             if lost:
                 with self._inflight_lock:
                     self._inflight[stream].difference_update(lost)
@@ -431,6 +609,31 @@ class _ConsumerBase:
                     len(lost),
                     stream,
                 )
+
+    def _beat_refused(self, stream: str, error: str) -> None:
+        now = time.monotonic()
+        last = self._refusals.get("heartbeat")
+        if last is not None and now - last < _REPEAT_LOG_S:
+            return
+        self._refusals["heartbeat"] = now
+        key = heartbeat_key(stream, self.group)
+        if error.startswith("WRONGTYPE"):
+            log.error(
+                "consumer %r: the heartbeats key %r is not a hash (another client wrote it): "
+                "%s. Consumption goes on; consumers are judged by idle time alone until the "
+                "key is deleted",
+                self.name,
+                key,
+                error,
+            )
+        else:
+            log.warning(
+                "consumer %r: the server refused its heartbeat in %r (%s); its in-flight "
+                "entries are still renewed, so nobody takes them",
+                self.name,
+                key,
+                error,
+            )
 
     def _setup_commands(self) -> list[cmd.Command]:
         return self._machine.setup_commands()

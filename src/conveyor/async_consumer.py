@@ -17,7 +17,7 @@ from conveyor import _io
 from conveyor._consumer_base import Outage, _ConsumerBase, now_ms
 from conveyor._core import commands as cmd
 from conveyor._shutdown import StopNow
-from conveyor.errors import ConnectionLost
+from conveyor.errors import HandlerTimeout
 from conveyor.models import Batch, Message, describe_error
 
 __all__ = ["AsyncConsumer"]
@@ -88,25 +88,28 @@ class AsyncConsumer(_ConsumerBase):
                 try:
                     batch = await self._step(self._read_batch(deferred=True))
                     outage.over()
-                except ConnectionLost as exc:
+                except StopNow:
+                    raise
+                except Exception as exc:  # an outage or bad data: never the end of run()
                     await self._sleep(outage.failed(exc))
                     continue
                 if not batch:
                     continue
                 error: BaseException | None = None
+                self._handling = (batch, now_ms())
                 try:
-                    result = handler(batch)
-                    if inspect.isawaitable(result):
-                        await self._step(result)
+                    await self._handle(handler, batch)
                 except StopNow:
                     raise
                 except (Exception, asyncio.CancelledError) as exc:
                     if isinstance(exc, asyncio.CancelledError) and self._stop_now:
                         raise StopNow() from None
                     error = exc
-                    log.warning("handler failed on a batch of %d: %r", len(batch), exc)
-                # Sent with the next read (one round trip), or by close() when stopping.
-                self._unsent.extend(self._settle_commands(batch, error))
+                    if isinstance(exc, HandlerTimeout):
+                        await self._give_up(batch)
+                    else:
+                        self._handler_failed(batch, exc)
+                self._handled(batch, error)
         except (StopNow, asyncio.CancelledError):
             if not self._stop_now:
                 raise
@@ -204,6 +207,32 @@ class AsyncConsumer(_ConsumerBase):
         finally:
             self._current = None
 
+    async def _handle(self, handler: Callable[[Batch], Awaitable[Any] | Any], batch: Batch) -> None:
+        """Call the handler; a coroutine past ``handler_timeout_ms`` is cancelled."""
+        result = handler(batch)
+        if not inspect.isawaitable(result):
+            return
+        limit = self.config.handler_timeout_ms
+        if limit is None:
+            await self._step(result)
+            return
+        try:
+            await self._step(asyncio.wait_for(result, limit / 1000))
+        except TimeoutError:
+            if self._stop_now:
+                raise
+            raise HandlerTimeout(
+                f"handler cancelled after handler_timeout_ms={limit} on a batch of {len(batch)}"
+            ) from None
+
+    async def _give_up(self, batch: Batch) -> None:
+        try:
+            await _io.apool_roundtrip(self.client, self._give_up_commands(batch))
+        except Exception as exc:  # not renewed any more: taken after claim_idle_ms instead
+            log.warning("consumer %r: could not give up the batch at once: %s", self.name, exc)
+        # Cancelled: nothing late will come; what the handler settled is settled as usual.
+        self._given_up = None
+
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self._stopping and time.monotonic() < deadline:
@@ -227,11 +256,12 @@ class AsyncConsumer(_ConsumerBase):
         while (plan := m.next_read(now_ms())) is not None:
             carry, commands = self._carry(plan)
             try:
-                replies = self._carried(carry, await _io.aroundtrip(self._reader, commands))
+                raw = await _io.aroundtrip(self._reader, commands)
             except BaseException:
                 self._unsent[:0] = carry  # safe to send again: acks and moves are idempotent
                 m.reply_lost()
                 raise
+            replies = self._carried(carry, raw)
             if self._read_errors(plan, replies):
                 self._warn_recreate()
                 await self._setup()
@@ -245,9 +275,13 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _setup(self) -> None:
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))
-        self._heartbeat_outcome(await _io.apool_roundtrip(self.client, self._heartbeat_commands()))
+        await self._beat()
         if self._heartbeat_task is None:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())
+
+    async def _beat(self) -> None:
+        sent = self._heartbeat_commands()
+        self._heartbeat_outcome(sent, await _io.apool_roundtrip(self.client, [c for _, c in sent]))
 
     async def _heartbeat_loop(self) -> None:
         interval_s = self.config.heartbeat_interval_ms / 1000
@@ -255,8 +289,7 @@ class AsyncConsumer(_ConsumerBase):
         while not self._closed:
             await asyncio.sleep(interval_s)
             try:
-                commands = self._heartbeat_commands()
-                self._heartbeat_outcome(await _io.apool_roundtrip(self.client, commands))
+                await self._beat()
                 if failing:
                     log.warning("consumer %r: heartbeats resumed", self.name)
                 failing = False

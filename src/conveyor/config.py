@@ -61,6 +61,8 @@ class ConsumerConfig:
     #: the first retry of a failed message waits this long, doubling per delivery up to the max
     retry_backoff_ms: int = 1_000
     retry_backoff_max_ms: int = 60_000
+    #: a handler still running after this long gives its batch up to the others; None: no limit
+    handler_timeout_ms: int | None = None
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -96,6 +98,8 @@ class ConsumerConfig:
             )
         check_int("retry_backoff_ms", self.retry_backoff_ms, 0)
         check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
+        if self.handler_timeout_ms is not None:
+            check_int("handler_timeout_ms", self.handler_timeout_ms, 1)
 
     @property
     def heartbeat_interval_ms(self) -> int:

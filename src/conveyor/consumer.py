@@ -15,7 +15,6 @@ from conveyor._consumer_base import Handler, Outage, _ConsumerBase, default_cons
 from conveyor._core import commands as cmd
 from conveyor._shutdown import StopNow, graceful
 from conveyor.async_consumer import AsyncConsumer
-from conveyor.errors import ConnectionLost
 from conveyor.models import Batch, Message, describe_error
 
 __all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
@@ -95,19 +94,19 @@ class Consumer(_ConsumerBase):
                     try:
                         batch = self._read_batch(deferred=True)
                         outage.over()
-                    except ConnectionLost as exc:
+                    except Exception as exc:  # an outage or bad data: never the end of run()
                         self._wake.wait(outage.failed(exc))
                         continue
                     if not batch:
                         continue
                     error: BaseException | None = None
+                    self._handling = (batch, now_ms())
                     try:
                         handler(batch)
                     except Exception as exc:
                         error = exc
-                        log.warning("handler failed on a batch of %d: %r", len(batch), exc)
-                    # Sent with the next read (one round trip), or by close() when stopping.
-                    self._unsent.extend(self._settle_commands(batch, error))
+                        self._handler_failed(batch, exc)
+                    self._handled(batch, error)
         except (StopNow, KeyboardInterrupt):
             log.warning("consumer %r stopped at once; unacked messages stay pending", self.name)
         finally:
@@ -176,11 +175,12 @@ class Consumer(_ConsumerBase):
         while (plan := m.next_read(now_ms())) is not None:
             carry, commands = self._carry(plan)
             try:
-                replies = self._carried(carry, _io.roundtrip(self._reader, commands))
+                raw = _io.roundtrip(self._reader, commands)
             except BaseException:
                 self._unsent[:0] = carry  # safe to send again: acks and moves are idempotent
                 m.reply_lost()
                 raise
+            replies = self._carried(carry, raw)
             if self._read_errors(plan, replies):
                 self._warn_recreate()
                 self._setup()
@@ -195,20 +195,38 @@ class Consumer(_ConsumerBase):
     def _setup(self) -> None:
         self._setup_outcome(_io.pool_roundtrip(self.client, self._setup_commands()))
         # Alive before reading anything: nobody takes what this consumer is about to re-read.
-        self._heartbeat_outcome(_io.pool_roundtrip(self.client, self._heartbeat_commands()))
+        self._beat()
         if self._heartbeat_thread is None:
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, name=f"conveyor-heartbeat-{self.name}", daemon=True
             )
             self._heartbeat_thread.start()
 
+    def _beat(self) -> None:
+        sent = self._heartbeat_commands()
+        self._heartbeat_outcome(sent, _io.pool_roundtrip(self.client, [c for _, c in sent]))
+
     def _heartbeat_loop(self) -> None:
-        interval_s = self.config.heartbeat_interval_ms / 1000
+        """Beats every heartbeat interval; also watches the handler's time limit."""
+        interval_ms = self.config.heartbeat_interval_ms
+        limit = self.config.handler_timeout_ms
+        next_beat = now_ms() + interval_ms
         failing = False
-        while not self._wake.wait(interval_s):
+        while True:
+            wait_ms = next_beat - now_ms()
+            handling = self._handling
+            if limit is not None and handling is not None and self._given_up is not handling[0]:
+                wait_ms = min(wait_ms, handling[1] + limit - now_ms())
+            if self._wake.wait(max(wait_ms, 1) / 1000):
+                return
             try:
-                commands = self._heartbeat_commands()
-                self._heartbeat_outcome(_io.pool_roundtrip(self.client, commands))
+                handling = self._handling
+                if handling is not None and self._handler_overdue(now_ms()):
+                    _io.pool_roundtrip(self.client, self._give_up_commands(handling[0]))
+                if now_ms() < next_beat:
+                    continue
+                next_beat = now_ms() + interval_ms
+                self._beat()
                 if failing:
                     log.warning("consumer %r: heartbeats resumed", self.name)
                 failing = False

@@ -9,6 +9,7 @@ Errors are split by whose fault they are, so callers can catch the right thing::
      ├── ServerError                       the server replied with an error we cannot absorb
      │    └── GroupMissingError            the stream or group vanished (NOGROUP)
      ├── ConnectionLost (ConnectionError)  the connection broke or timed out; safe to retry
+     ├── HandlerTimeout (TimeoutError)     a handler ran past handler_timeout_ms
      └── ServerNotFound (RuntimeError)     no server binary to start (embedded server, tests)
 
 Every message names the argument, stream or server reply concerned, and never a password.
@@ -22,6 +23,7 @@ __all__ = [
     "ConveyorError",
     "FieldTypeError",
     "GroupMissingError",
+    "HandlerTimeout",
     "PayloadError",
     "ServerError",
     "ServerNotFound",
@@ -58,6 +60,11 @@ class ConnectionLost(ConveyorError, ConnectionError):
     What was in flight may or may not have reached the server; nothing is lost, because
     unacknowledged entries stay in the group's pending list and come back.
     """
+
+
+class HandlerTimeout(ConveyorError, TimeoutError):
+    """A handler ran past ``handler_timeout_ms``; its unsettled messages were given up to the
+    other consumers (an asyncio handler is cancelled)."""
 
 
 class ServerNotFound(ConveyorError, RuntimeError):

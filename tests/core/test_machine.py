@@ -7,6 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conveyor._core import scripts
 from conveyor._core.machine import ConsumerMachine
 from conveyor.config import ConsumerConfig
 
@@ -114,7 +115,16 @@ def test_lost_reply_goes_back_to_the_own_pending_list() -> None:
     m.reply_lost()
     m.begin_batch(0)
     plan = m.next_read(0)
-    assert plan is not None and plan.pending and plan.commands[0][-1] == "0"
+    # Read again without adding a delivery: no handler saw what the lost reply carried.
+    assert plan is not None and plan.pending and plan.kind == "reread"
+    assert plan.commands[0][1] == scripts.REREAD and plan.commands[0][-2:] == ("-", 100)
+
+
+def test_a_start_reads_the_own_pending_list_counting_a_delivery() -> None:
+    m = machine()
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None and plan.kind == "pending" and plan.commands[0][0] == "XREADGROUP"
 
 
 def test_deleted_pending_entries_are_dropped_and_counted() -> None:

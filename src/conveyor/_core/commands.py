@@ -16,6 +16,8 @@ from conveyor.errors import FieldTypeError
 from conveyor.models import PROVENANCE_FIELDS, DeadLetter, Fields, Message
 
 __all__ = [
+    "MAX_INLINE_FIELDS",
+    "PACKED_FIELDS",
     "AutoclaimResult",
     "Command",
     "ConsumerReply",
@@ -25,8 +27,10 @@ __all__ = [
     "as_text",
     "convert_fields",
     "error_code",
+    "error_text",
     "id_order",
     "id_time_ms",
+    "pack_fields",
     "parse_dead_letter",
     "parse_dead_letters",
     "parse_id",
@@ -39,6 +43,7 @@ __all__ = [
     "parse_xinfo_groups",
     "parse_xinfo_stream",
     "parse_xpending_oldest",
+    "unpack_fields",
     "validate_fields",
     "xack",
     "xadd",
@@ -69,10 +74,98 @@ def as_text(value: Any) -> str:
 parse_id = as_text
 
 
+#: redis-py strips the code word from an error reply and keeps it in the exception's class
+#: (PITFALLS 20); by class name, so this module needs no redis import.
+_CODE_OF_CLASS = {
+    "ReadOnlyError": "READONLY",
+    "MasterDownError": "MASTERDOWN",
+    "BusyLoadingError": "LOADING",
+    "TryAgainError": "TRYAGAIN",
+    "ClusterDownError": "CLUSTERDOWN",
+    "MovedError": "MOVED",
+    "AskError": "ASK",
+    "OutOfMemoryError": "OOM",
+    "NoPermissionError": "NOPERM",
+    "NoScriptError": "NOSCRIPT",
+    "ExecAbortError": "EXECABORT",
+    "ClusterCrossSlotError": "CROSSSLOT",
+}
+
+
 def error_code(exc: BaseException) -> str:
-    """The first word of a server error reply: ``NOGROUP``, ``BUSYGROUP``, ``MOVED`` ..."""
+    """The code word of a server error reply: ``NOGROUP``, ``READONLY``, ``MOVED`` ...
+
+    From redis-py's ``status_code`` where it keeps one, else from the exception's class (redis-py
+    strips the code from the text: ``ReadOnlyError("You can't write...")``), else the first word
+    of the text.
+
+    >>> error_code(Exception("NOGROUP No such key"))
+    'NOGROUP'
+    >>> class MovedError(Exception): pass
+    >>> error_code(MovedError("3999 127.0.0.1:7001"))
+    'MOVED'
+    """
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code:
+        return code.upper()
+    for klass in type(exc).__mro__:
+        found = _CODE_OF_CLASS.get(klass.__name__)
+        if found is not None:
+            return found
     text = str(exc).lstrip("-")
     return text.split(" ", 1)[0].upper() if text else ""
+
+
+def error_text(exc: BaseException) -> str:
+    """A server error reply as the server sent it, code word first, on one line.
+
+    >>> class ReadOnlyError(Exception): pass
+    >>> error_text(ReadOnlyError("You can't write against a read only replica."))
+    "READONLY You can't write against a read only replica."
+    """
+    text = " ".join(str(exc).split())
+    code = error_code(exc)
+    if code and not text.upper().startswith(code):
+        return f"{code} {text}" if text else code
+    return text
+
+
+#: Fields of an entry too large for one Lua call (``unpack()`` has a stack limit, PITFALLS 21)
+#: travel to the dead-letter stream packed into one field, byte for byte.
+PACKED_FIELDS = "conveyor.packed_fields"
+#: entries with more fields than this are packed when dead-lettered
+MAX_INLINE_FIELDS = 1_000
+
+
+def pack_fields(flat: Sequence[bytes]) -> bytes:
+    """Field names and values (bytes) as one value: RESP bulk strings, byte for byte.
+
+    >>> unpack_fields(pack_fields([b"a", b"\xff"]))
+    [b'a', b'\xff']
+    """
+    parts = [b"*%d\r\n" % len(flat)]
+    for item in flat:
+        parts.append(b"$%d\r\n" % len(item))
+        parts.append(item)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def unpack_fields(blob: bytes) -> list[bytes]:
+    """The inverse of ``pack_fields``; raises ValueError on anything else."""
+    head, sep, rest = blob.partition(b"\r\n")
+    if not sep or not head.startswith(b"*"):
+        raise ValueError("not a packed field list")
+    out: list[bytes] = []
+    pos = 0
+    for _ in range(int(head[1:])):
+        end = rest.index(b"\r\n", pos)
+        if rest[pos : pos + 1] != b"$":
+            raise ValueError("not a packed field list")
+        size = int(rest[pos + 1 : end])
+        out.append(rest[end + 2 : end + 2 + size])
+        pos = end + 4 + size
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +406,7 @@ def parse_xautoclaim(reply: Any, stream: str, encoding: str | None) -> Autoclaim
 
 
 _PROVENANCE_SET = frozenset(PROVENANCE_FIELDS)
+_ESC = "surrogateescape"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +429,16 @@ def parse_dead_letter(raw_id: Any, flat: Any, encoding: str | None) -> tuple[Dea
         name = as_text(key)
         if name in _PROVENANCE_SET:
             provenance[name] = as_text(value)
+        elif name == PACKED_FIELDS:  # an entry too large for one Lua call, packed whole
+            blob = value if isinstance(value, bytes) else str(value).encode("utf-8", _ESC)
+            try:
+                items = unpack_fields(blob)
+                if type(key) is str:  # keep the reply's kind: str throughout, or bytes
+                    own.extend(x.decode("utf-8", _ESC) for x in items)
+                else:
+                    own.extend(items)
+            except ValueError:
+                own.extend((key, value))  # not ours: keep it as it is
         else:
             own.append(key)
             own.append(value)

@@ -11,7 +11,9 @@ A driver (sync or asyncio) runs the same loop::
 A batch is filled, in this order, from:
 
 1. *pending*: this consumer's own pending entries, re-read from id ``0`` after a start or a
-   lost reply (entries the server delivered but we never saw are only found there);
+   lost reply (entries the server delivered but we never saw are only found there). After a
+   start XREADGROUP adds a delivery (a process that crashed on a message counts it); after a
+   lost reply the ``REREAD`` script reads them without one, because no handler saw them;
 2. *take back*: its own failed entries whose retry backoff is over;
 3. *reclaim*: every ``heartbeat_ms``, entries of consumers whose heartbeat stopped, then
    entries idle for ``claim_idle_ms`` (XAUTOCLAIM, its cursor kept across rounds);
@@ -33,9 +35,9 @@ from conveyor._keys import heartbeat_key
 from conveyor.config import ConsumerConfig
 from conveyor.models import Message
 
-__all__ = ["NEW", "PENDING", "RECLAIM", "TAKE_BACK", "ConsumerMachine", "ReadPlan"]
+__all__ = ["NEW", "PENDING", "RECLAIM", "REREAD", "TAKE_BACK", "ConsumerMachine", "ReadPlan"]
 
-PENDING, TAKE_BACK, RECLAIM, NEW = "pending", "take_back", "reclaim", "new"
+PENDING, REREAD, TAKE_BACK, RECLAIM, NEW = "pending", "reread", "take_back", "reclaim", "new"
 
 #: most entries one claim asks for (Lua unpacks them onto a bounded stack)
 MAX_CLAIM = 1_000
@@ -52,7 +54,7 @@ class ReadPlan:
 
     @property
     def pending(self) -> bool:
-        return self.kind == PENDING
+        return self.kind in (PENDING, REREAD)
 
 
 class ConsumerMachine:
@@ -73,6 +75,8 @@ class ConsumerMachine:
             self._names[s.encode("utf-8", "surrogateescape")] = s
         # Cursor into our own pending list per stream still in the *pending* state.
         self._pending_after: dict[str, str] = dict.fromkeys(config.streams, "0")
+        # After a lost reply the own pending list is read again without adding deliveries.
+        self._quiet_reread = False
         self._claim_cursor: dict[str, str] = dict.fromkeys(config.streams, "0-0")
         self._next_reclaim_ms = 0
         self._retry_due: dict[tuple[str, str], int] = {}
@@ -135,6 +139,8 @@ class ConsumerMachine:
             self._buffer.extend(result.messages)
         elif plan.kind == PENDING:
             self._feed_pending(plan, replies)
+        elif plan.kind == REREAD:
+            self._feed_reread(plan, replies)
         elif plan.kind == RECLAIM:
             self._feed_reclaim(plan, replies, now_ms)
         else:
@@ -179,6 +185,7 @@ class ConsumerMachine:
         """A reply may have been lost: what the server delivered is only in our pending list."""
         self._buffer = []
         self._pending_after = dict.fromkeys(self.config.streams, "0")
+        self._quiet_reread = True
         # The own pending list is read again from the start, failed entries included.
         self._retry_due.clear()
 
@@ -189,9 +196,10 @@ class ConsumerMachine:
         self._claim_cursor = dict.fromkeys(self.config.streams, "0-0")
 
     def setup_commands(self) -> list[cmd.Command]:
-        """Create the group on every stream (``BUSYGROUP`` in reply means it exists: fine)."""
+        """Create the group on every stream; one that exists already is fine, also when the
+        server refuses the creation (out of memory, ACL)."""
         c = self.config
-        return [cmd.xgroup_create(s, c.group, c.start) for s in c.streams]
+        return [("EVAL", scripts.CREATE_GROUP, 1, s, c.group, c.start) for s in c.streams]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -215,6 +223,26 @@ class ConsumerMachine:
         streams, count = self._share(tuple(self._pending_after), remaining)
         ids = tuple(self._pending_after[s] for s in streams)
         c = self.config
+        if self._quiet_reread:
+            count = min(count, MAX_CLAIM)
+            return ReadPlan(
+                tuple(
+                    (
+                        "EVAL",
+                        scripts.REREAD,
+                        1,
+                        s,
+                        c.group,
+                        c.consumer,
+                        "-" if after in ("0", "0-0") else "(" + after,
+                        count,
+                    )
+                    for s, after in zip(streams, ids, strict=True)
+                ),
+                streams,
+                REREAD,
+                None,
+            )
         commands: list[cmd.Command] = [
             cmd.xreadgroup(c.group, c.consumer, streams, ids, count, None)
         ]
@@ -234,6 +262,16 @@ class ConsumerMachine:
         count = int(plan.commands[0][5])
         for stream in plan.streams:
             if result.counts.get(stream, 0) < count:
+                del self._pending_after[stream]  # own pending list read to its end
+            else:
+                self._pending_after[stream] = result.last_ids[stream]
+
+    def _feed_reread(self, plan: ReadPlan, replies: Sequence[Any]) -> None:
+        for command, stream, reply in zip(plan.commands, plan.streams, replies, strict=True):
+            entries, flat_counts, rows = reply[0], reply[1], int(reply[2])
+            result = self._parse_claimed(stream, entries, flat_counts)
+            self._absorb(result)
+            if rows < int(command[-1]) or stream not in result.last_ids:
                 del self._pending_after[stream]  # own pending list read to its end
             else:
                 self._pending_after[stream] = result.last_ids[stream]
