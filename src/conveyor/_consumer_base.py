@@ -531,6 +531,12 @@ class _ConsumerBase:
         for reply in replies:
             if isinstance(reply, Exception):
                 code = cmd.error_code(reply)
+                if code == "UNBLOCKED" and "state changed" in str(reply):
+                    # a primary turned replica unblocks its readers: an outage, not a loss
+                    raise ConnectionLost(
+                        f"reading {list(plan.streams)}: server at {describe(self.client)} "
+                        f"said: {cmd.error_text(reply)}"
+                    )
                 if code in ("NOGROUP", "UNBLOCKED"):  # deleted (or moved) while we read
                     return True
                 raise self._reply_error(reply, f"reading {list(plan.streams)} ({plan.kind})")

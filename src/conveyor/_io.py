@@ -12,11 +12,12 @@ import inspect
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar, cast
 
+from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conveyor._core.commands import Command
+from conveyor._core.commands import Command, error_text
 from conveyor.connection import describe
 from conveyor.errors import ConfigError, ConnectionLost
 
@@ -37,6 +38,8 @@ LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def lost(conn_or_client: Any, exc: BaseException) -> ConnectionLost:
+    if isinstance(exc, BusyLoadingError):  # a server reply that redis-py raises as a link error
+        return ConnectionLost(f"server at {describe(conn_or_client)} said: {error_text(exc)}")
     return ConnectionLost(f"connection to {describe(conn_or_client)} lost: {exc}")
 
 
