@@ -401,6 +401,8 @@ class _ConsumerBase:
             sum(len(ids) for ids in by_stream.values()),
         )
         idle = self.config.claim_idle_ms
+        # Its own reclaim would take them straight back: leave them to the others for a while.
+        self._machine.postpone_reclaim(now_ms() + idle)
         return [
             ("EVAL", scripts.GIVE_UP, 1, s, self.group, self.name, idle, *ids)
             for s, ids in by_stream.items()

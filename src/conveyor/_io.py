@@ -12,9 +12,8 @@ import inspect
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar, cast
 
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor._core.commands import Command, error_text

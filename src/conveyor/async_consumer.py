@@ -230,8 +230,6 @@ class AsyncConsumer(_ConsumerBase):
             await _io.apool_roundtrip(self.client, self._give_up_commands(batch))
         except Exception as exc:  # not renewed any more: taken after claim_idle_ms instead
             log.warning("consumer %r: could not give up the batch at once: %s", self.name, exc)
-        # Cancelled: nothing late will come; what the handler settled is settled as usual.
-        self._given_up = None
 
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -195,6 +195,11 @@ class ConsumerMachine:
         self._retry_due.clear()
         self._claim_cursor = dict.fromkeys(self.config.streams, "0-0")
 
+    def postpone_reclaim(self, until_ms: int) -> None:
+        """No reclaim round before ``until_ms`` (entries this consumer gave up are left to the
+        others meanwhile)."""
+        self._next_reclaim_ms = max(self._next_reclaim_ms, until_ms)
+
     def setup_commands(self) -> list[cmd.Command]:
         """Create the group on every stream; one that exists already is fine, also when the
         server refuses the creation (out of memory, ACL)."""
