@@ -241,3 +241,42 @@ def test_a_demoted_primary_is_an_outage(
         f"outage {outage_s:.1f} s"
     )
     r.close()
+
+
+COMPONENT_CASES = [
+    ("READONLY", ConnectionLost),
+    ("MASTERDOWN", ConnectionLost),
+    ("TRYAGAIN", ConnectionLost),
+    ("MOVED", ConfigError),
+    ("NOPERM", ServerError),
+    ("OOM", ServerError),
+]
+
+
+@pytest.mark.parametrize(("code", "error"), COMPONENT_CASES)
+def test_every_component_classifies_by_code(
+    code: str,
+    error: type[Exception],
+    proxy: FaultProxy,
+    r: redis.Redis,
+    name: Callable[[str], str],
+) -> None:
+    """Producer, DeadLetters, safe_trim and Scaler raise the same classes for the same codes,
+    each message one line with the code word and the stream."""
+    s = name("s")
+    fill(r, s, 3)
+    r.xgroup_create(s, "g", "0")
+    client = conveyor.connect(proxy.url)
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("XADD", lambda: conveyor.Producer(client, s).send({"a": "b"})),
+        ("XRANGE", lambda: conveyor.DeadLetters(client, s).list()),
+        ("EVAL", lambda: conveyor.safe_trim(client, s)),
+        ("MULTI", lambda: conveyor.Scaler(client, s, group="g").sample()),
+    ]
+    for command, call in calls:
+        proxy.inject(command, FAULTS[code])
+        with pytest.raises(error) as caught:
+            call()
+        text = str(caught.value)
+        assert code in text and "\n" not in text, (command, text)
+    client.close()

@@ -16,21 +16,20 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from conveyor import _io
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
 from conveyor._core.machine import ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
-from conveyor.errors import ConfigError, ConnectionLost, ConveyorError, ServerError
+from conveyor.errors import ConfigError, ConnectionLost, ConveyorError
 from conveyor.models import ACK, DEAD, Batch, Message, describe_error
 
 __all__ = ["Handler", "Outage", "_ConsumerBase", "default_consumer_name", "now_ms"]
 
 log = logging.getLogger("conveyor.consumer")
 
-#: server errors that mean "this server cannot serve us right now": reconnect and retry
-_TRANSIENT = {"READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"}
 #: in-flight ids renewed by one heartbeat script (its ARGV; Lua claims them in chunks)
 _RENEW_CHUNK = 2_000
 #: a refusal that repeats is logged again at most this often
@@ -501,16 +500,7 @@ class _ConsumerBase:
     def _reply_error(self, reply: BaseException, what: str) -> Exception:
         """A server error reply as conveyor's exception, classified by its code (from the
         exception class: redis-py strips the code from the text) and on one line."""
-        code = cmd.error_code(reply)
-        text = cmd.error_text(reply)
-        if code in _TRANSIENT:
-            return ConnectionLost(f"{what}: server at {describe(self.client)} said: {text}")
-        if code in ("MOVED", "ASK"):
-            return ConfigError(
-                f"{what}: the server at {describe(self.client)} is a Redis Cluster node and "
-                f"redirected us ({text}); pass a cluster client"
-            )
-        return ServerError(f"{what} for group {self.group!r} failed: {text}")
+        return _io.server_error(reply, f"{what} for group {self.group!r}", self.client)
 
     def _setup_outcome(self, replies: Sequence[Any]) -> None:
         for stream, reply in zip(self.streams, replies, strict=True):

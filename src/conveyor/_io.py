@@ -16,9 +16,15 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conveyor._core.commands import Command, error_text
+from conveyor._core.commands import Command, error_code, error_text
 from conveyor.connection import describe
-from conveyor.errors import ConfigError, ConnectionLost
+from conveyor.errors import (
+    ConfigError,
+    ConnectionLost,
+    ConveyorError,
+    GroupMissingError,
+    ServerError,
+)
 
 __all__ = [
     "LINK_ERRORS",
@@ -31,9 +37,40 @@ __all__ = [
     "pool_roundtrip",
     "roundtrip",
     "run_plan",
+    "server_error",
 ]
 
 LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+#: server errors that mean "this server cannot serve us right now": an outage, retry later
+TRANSIENT_CODES = frozenset(
+    {"READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "UNBLOCKED"}
+)
+
+
+def server_error(reply: BaseException, what: str, client: Any = None) -> ConveyorError:
+    """A server's error reply as conveyor's exception, classified by its code (redis-py keeps
+    it in the exception's class, not in the text) and quoted on one line with the code::
+
+        READONLY, MASTERDOWN, LOADING, BUSY, TRYAGAIN, CLUSTERDOWN  ConnectionLost (an outage)
+        MOVED, ASK (a plain client on a cluster node)              ConfigError
+        NOGROUP                                                    GroupMissingError
+        anything else (OOM, NOPERM, WRONGTYPE ...)                 ServerError
+    """
+    code = error_code(reply)
+    text = error_text(reply)
+    at = f" at {describe(client)}" if client is not None else ""
+    if code in TRANSIENT_CODES:
+        return ConnectionLost(f"{what}: server{at} said: {text}")
+    if code in ("MOVED", "ASK"):
+        return ConfigError(
+            f"{what}: the server{at} is a Redis Cluster node and redirected us ({text}); "
+            "pass a cluster client"
+        )
+    if code == "NOGROUP":
+        return GroupMissingError(f"{what}: {text}")
+    return ServerError(f"{what}: {text}")
 
 
 def lost(conn_or_client: Any, exc: BaseException) -> ConnectionLost:

@@ -28,10 +28,10 @@ from redis.exceptions import ResponseError
 
 from conveyor import _io
 from conveyor._core import commands as cmd
-from conveyor._io import Plan
+from conveyor._io import Plan, server_error
 from conveyor._keys import dead_letter_key
 from conveyor.config import check_encoding, check_int, check_name, is_stream_id
-from conveyor.errors import ConfigError, ConnectionLost, ServerError
+from conveyor.errors import ConfigError, ConnectionLost
 from conveyor.models import DeadLetter, ReplayResult
 
 __all__ = [
@@ -170,7 +170,7 @@ class _DeadLettersBase:
 
     def _checked(self, reply: Any, command: str) -> Any:
         if isinstance(reply, ResponseError):
-            raise ServerError(f"{command} on dead-letter stream {self.dead_letter!r}: {reply}")
+            raise server_error(reply, f"{command} on dead-letter stream {self.dead_letter!r}")
         return reply
 
     def _count_plan(self) -> Plan[int]:

@@ -15,8 +15,9 @@ from redis.exceptions import ResponseError
 
 from conveyor import _io
 from conveyor._core import commands as cmd
+from conveyor._io import server_error
 from conveyor.config import Codec, ProducerConfig
-from conveyor.errors import ConfigError, ConnectionLost, FieldTypeError, ServerError
+from conveyor.errors import ConfigError, ConnectionLost, FieldTypeError
 from conveyor.models import PAYLOAD_FIELD
 
 __all__ = ["AsyncProducer", "Producer"]
@@ -81,9 +82,10 @@ class _ProducerBase:
         ids: list[str] = []
         for reply in replies:
             if isinstance(reply, ResponseError):
-                raise ServerError(
+                raise server_error(
+                    reply,
                     f"XADD to stream {self.stream!r} failed after {sent_before + len(ids)} "
-                    f"entries of this call were added: {reply}"
+                    "entries of this call were added",
                 )
             ids.append(cmd.parse_id(reply))
         self.sent_count += len(ids)

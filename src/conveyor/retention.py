@@ -28,9 +28,9 @@ from redis.exceptions import ResponseError
 
 from conveyor import _io
 from conveyor._core import commands as cmd
-from conveyor._io import Plan
+from conveyor._io import Plan, server_error
 from conveyor.config import check_name
-from conveyor.errors import ConfigError, ServerError
+from conveyor.errors import ConfigError
 from conveyor.models import TrimReport
 
 __all__ = ["DRY_RUN_COUNT_LIMIT", "SAFE_TRIM", "TrimReport", "async_safe_trim", "safe_trim"]
@@ -117,7 +117,7 @@ def _trim_plan(stream: str, dry_run: bool) -> Plan[TrimReport]:
     replies = yield [("EVAL", SAFE_TRIM, 1, stream, "1" if dry_run else "0")]
     reply = replies[0]
     if isinstance(reply, ResponseError):
-        raise ServerError(f"safe trim of stream {stream!r}: {reply}")
+        raise server_error(reply, f"safe trim of stream {stream!r}")
     status, cut, holder, why, first, last = (cmd.as_text(reply[i]) for i in (0, 2, 3, 4, 7, 8))
     length, trimmed, after, groups = (int(reply[i]) for i in (1, 5, 6, 9))
     if status == "missing":
@@ -154,7 +154,7 @@ def _count_below(
         page = min(PAGE_SIZE, DRY_RUN_COUNT_LIMIT - counted)
         replies = yield [("XRANGE", stream, start, "(" + cut, "COUNT", page)]
         if isinstance(replies[0], ResponseError):
-            raise ServerError(f"XRANGE on stream {stream!r}: {replies[0]}")
+            raise server_error(replies[0], f"XRANGE on stream {stream!r}")
         entries: list[Any] = replies[0] or []
         counted += len(entries)
         if len(entries) < page:

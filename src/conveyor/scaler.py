@@ -38,9 +38,9 @@ from conveyor._core.scaling import (
     seed_rate,
     seed_suggestion,
 )
-from conveyor._io import Plan
+from conveyor._io import Plan, server_error
 from conveyor.config import check_int, check_name
-from conveyor.errors import ConfigError, GroupMissingError, ServerError
+from conveyor.errors import ConfigError, ConveyorError, GroupMissingError
 from conveyor.models import ScaleDecision, ScaleSample
 
 __all__ = ["AsyncScaler", "ScaleDecision", "ScaleSample", "Scaler", "keda_scaled_object"]
@@ -104,13 +104,13 @@ class _ScalerBase:
             f"samples={len(self._recommender.window)}{shown}>"
         )
 
-    def _failed(self, reply: Any, what: str) -> ServerError:
-        text = str(reply)
+    def _failed(self, reply: Any, what: str) -> ConveyorError:
         if cmd.error_code(reply) == "NOGROUP":
+            text = cmd.error_text(reply)
             return GroupMissingError(f"group {self.group!r} of stream {self.stream!r}: {text}")
-        if "no such key" in text.lower():
+        if "no such key" in str(reply).lower():
             return GroupMissingError(f"stream {self.stream!r} does not exist")
-        return ServerError(f"{what} on stream {self.stream!r}: {text}")
+        return server_error(reply, f"{what} on stream {self.stream!r}")
 
     def _sample_plan(self) -> Plan[ScaleSample]:
         s, g = self.stream, self.group
