@@ -18,3 +18,16 @@ def test_readme_python_examples_run(monkeypatch: pytest.MonkeyPatch, redis_url: 
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     namespace["r"].delete("orders", "clicks")  # type: ignore[attr-defined]
+
+
+def test_readme_examples_that_start_with_imports_run_on_their_own(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """A block that begins with its imports claims to be complete: it runs in a namespace of
+    its own (the asyncio example once needed ``conveyor`` from an earlier block)."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    whole = [b for b in blocks if b.startswith("import ")]
+    assert len(whole) >= 2
+    for block in whole:
+        exec(compile(block, str(README), "exec"), {})
