@@ -310,3 +310,28 @@ def test_a_stuck_handler_gives_its_batch_up(
         rec.getMessage() for rec in caplog.records if "handler_timeout_ms" in rec.getMessage()
     )
     assert a.consumer.name in line and "batch of 10" in line
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_overdue_message_refused_by_a_full_server_strands_nothing(
+    kind: str, full_server: tuple[EmbeddedServer, redis.Redis]
+) -> None:
+    """A message whose consumers kept crashing is due for the dead-letter stream while the
+    server is out of memory: the move waits, the rest of the batch is handled at once."""
+    srv, admin = full_server
+    s = "orders"
+    admin.xgroup_create(s, "g", "0", mkstream=True)
+    ids = fill(admin, s, 5)
+    admin.xreadgroup("g", "crashed", {s: ">"}, count=5)
+    for _ in range(3):  # three more crashed deliveries of the first
+        admin.xclaim(s, "g", "crashed", 0, [ids[0]])
+    admin.hset(heartbeat_key(s, "g"), "crashed", "1:100")  # long dead: all five are taken
+    out_of_memory(admin, True)
+    w = Worker(kind, srv.url, s, "g", max_deliveries=2, heartbeat_ms=50, max_wait_ms=50).start()
+    wait_for(lambda: w.processed >= set(ids[1:]), what="the other four handled")
+    assert admin.xlen("{orders}:dead") == 0 and w.alive
+    out_of_memory(admin, False)
+    wait_for(lambda: admin.xlen("{orders}:dead") == 1, what="the overdue one moved")
+    w.stop()
+    assert ids[0] not in {i for i, _ in w.seen}  # never handed out again
+    assert admin.xpending(s, "g")["pending"] == 0

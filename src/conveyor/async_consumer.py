@@ -17,7 +17,7 @@ from conveyor import _io
 from conveyor._consumer_base import Outage, _ConsumerBase, now_ms
 from conveyor._core import commands as cmd
 from conveyor._shutdown import StopNow
-from conveyor.errors import HandlerTimeout
+from conveyor.errors import ConnectionLost, HandlerTimeout
 from conveyor.models import Batch, Message, describe_error
 
 __all__ = ["AsyncConsumer"]
@@ -267,8 +267,13 @@ class AsyncConsumer(_ConsumerBase):
                 continue
             m.feed(plan, replies, now_ms())
         after = self._after_read_commands()
-        if after:
-            await self._send(after)
+        if after:  # refused or cut off: they ride with the next read instead
+            try:
+                replies = await _io.apool_roundtrip(self.client, after)
+            except ConnectionLost:
+                self._unsent.extend(after)
+            else:
+                self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
 
     async def _setup(self) -> None:

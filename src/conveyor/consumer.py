@@ -15,6 +15,7 @@ from conveyor._consumer_base import Handler, Outage, _ConsumerBase, default_cons
 from conveyor._core import commands as cmd
 from conveyor._shutdown import StopNow, graceful
 from conveyor.async_consumer import AsyncConsumer
+from conveyor.errors import ConnectionLost
 from conveyor.models import Batch, Message, describe_error
 
 __all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
@@ -188,8 +189,13 @@ class Consumer(_ConsumerBase):
                 continue
             m.feed(plan, replies, now_ms())
         after = self._after_read_commands()
-        if after:
-            self._send(after)
+        if after:  # refused or cut off: they ride with the next read instead
+            try:
+                replies = _io.pool_roundtrip(self.client, after)
+            except ConnectionLost:
+                self._unsent.extend(after)
+            else:
+                self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
 
     def _setup(self) -> None:
