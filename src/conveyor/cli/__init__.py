@@ -12,16 +12,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import IO, Any, TextIO, TypeVar
-from urllib.parse import urlsplit
 
 import click
 import redis
 from redis.exceptions import RedisError
 
 import conveyor
-from conveyor.connection import DEFAULT_URL, redact_url
+from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
 from conveyor.errors import ConveyorError
 
 __all__ = ["CliError", "main", "open_client", "redis_options"]
@@ -112,10 +111,7 @@ def main(verbose: int) -> None:
 
 def _remember_secret(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value:
-        with suppress(ValueError):
-            password = urlsplit(value).password
-            if password:
-                ctx.meta.setdefault(_SECRETS, set()).add(password)
+        ctx.meta.setdefault(_SECRETS, set()).update(secrets_in_url(value))
     return value
 
 
@@ -137,7 +133,9 @@ def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
             callback=_remember_secret,
             help=(
                 "Redis server URL: redis://[user:password@]host:port/db, rediss:// for TLS, "
-                f"unix:///path. Default: the REDIS_URL environment variable, else {fallback}."
+                "unix:///path, or redis+sentinel://[user:password@]host:port[,host:port...]"
+                "/service[/db] for the primary a Sentinel names (rediss+sentinel:// for TLS). "
+                f"Default: the REDIS_URL environment variable, else {fallback}."
             ),
         ),
     ]
@@ -164,7 +162,8 @@ def open_client(url: str | None) -> redis.Redis:
         log.debug("PING failed", exc_info=True)
         client.close()
         shown = redact_url(url or DEFAULT_URL)
-        raise CliError(f"cannot connect to {shown}: {_one_line(exc, set())}") from None
+        secrets = secrets_in_url(url or DEFAULT_URL)
+        raise CliError(f"cannot connect to {shown}: {_one_line(exc, secrets)}") from None
     return client
 
 
