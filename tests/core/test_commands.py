@@ -150,3 +150,45 @@ def test_any_entries_parse_the_same_in_every_shape(entries: Any, resp3: bool, ra
         reply = {b"s": raw_flat} if resp3 else [[b"s", raw_flat]]
     messages = cmd.parse_read(reply, NAMES, "utf-8").messages
     assert [(m.id, m.fields) for m in messages] == [(f"{ms}-0", f) for ms, f in entries]
+
+
+class ReadOnlyError(Exception):
+    """Named like redis-py's: the code word is in the class, not in the text."""
+
+
+class MasterDownError(Exception):
+    pass
+
+
+class BusyLoadingError(Exception):
+    pass
+
+
+def test_error_codes_come_from_the_class_where_redis_py_hid_them() -> None:
+    assert cmd.error_code(ReadOnlyError("You can't write against a read only replica.")) == (
+        "READONLY"
+    )
+    assert cmd.error_code(MasterDownError("Link with MASTER is down")) == "MASTERDOWN"
+    assert cmd.error_code(BusyLoadingError("Redis is loading")) == "LOADING"
+    assert cmd.error_code(Exception("NOGROUP No such key")) == "NOGROUP"
+    coded = Exception("whatever")
+    coded.status_code = "tryagain"  # type: ignore[attr-defined]
+    assert cmd.error_code(coded) == "TRYAGAIN"
+    assert cmd.error_text(ReadOnlyError("You can't\nwrite.")) == "READONLY You can't write."
+    assert cmd.error_text(Exception("NOGROUP No such key")) == "NOGROUP No such key"
+
+
+@given(st.lists(st.binary(max_size=40), max_size=30))
+def test_packed_fields_come_back_byte_for_byte(flat: list[bytes]) -> None:
+    assert cmd.unpack_fields(cmd.pack_fields(flat)) == flat
+
+
+def test_a_packed_dead_letter_is_parsed_into_its_own_fields() -> None:
+    own = [b"\xff", b"\x00\r\n", b"k", b"v"]
+    flat = [b"conveyor.origin_id", b"1-0", cmd.PACKED_FIELDS.encode(), cmd.pack_fields(own)]
+    letter, fields = cmd.parse_dead_letter(b"2-0", flat, None)
+    assert fields == own and letter.fields == {b"\xff": b"\x00\r\n", b"k": b"v"}
+    letter, fields = cmd.parse_dead_letter(
+        "2-0", [x.decode("utf-8", "surrogateescape") for x in flat], "utf-8"
+    )
+    assert letter.fields["k"] == "v" and letter.origin_id == "1-0"
