@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio
 
 import conveyor
-from conveyor import ConfigError, ConnectionLost, Consumer, Producer
+from conveyor import ConfigError, ConnectionLost, Consumer, EmbeddedServer, Producer
 from conveyor.server import free_port
 
 
@@ -82,3 +84,31 @@ def test_tls_options_are_passed_through(tmp_path: object) -> None:
 def test_an_unsupported_client_is_named() -> None:
     with pytest.raises(ConfigError, match="not supported"):
         Consumer(object(), "s", "g")
+
+
+def test_valkey_urls_work(redis_url: str) -> None:
+    client = conveyor.connect(redis_url.replace("redis://", "valkey://", 1))
+    assert client.ping() is True
+    client.close()
+
+
+def test_a_unix_socket_url_works_for_consumers(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
+    with EmbeddedServer(binary, extra_args=("--unixsocket", str(socket_path))):
+        client = conveyor.connect(f"unix://{socket_path}?db=0")
+        Producer(client, "s").send({"a": "1"})
+        consumer = Consumer(client, "s", "g", max_wait_ms=100)  # its own reader connection
+        batch = consumer.get_batch()
+        assert [m.fields for m in batch] == [{"a": "1"}]
+        consumer.ack_many(batch)
+        consumer.close()
+        client.close()
+
+
+@pytest.mark.parametrize("option", ["fooo=1", "sentinel_password=sekret"])
+def test_an_unknown_url_option_is_refused_at_once(option: str) -> None:
+    # redis-py would hand it to the connection class, which fails at the first command.
+    with pytest.raises(ConfigError, match="unknown option") as info:
+        conveyor.connect(f"redis://localhost:6379/0?{option}")
+    assert "sekret" not in str(info.value)

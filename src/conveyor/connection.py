@@ -150,15 +150,18 @@ def _no_retry(*, asyncio: bool = False) -> Any:
     return Retry(NoBackoff(), 0)
 
 
-def _safe_options(overrides: dict[str, Any], *, asyncio: bool = False) -> dict[str, Any]:
+def _safe_options(
+    overrides: dict[str, Any], *, asyncio: bool = False, unix: bool = False
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": 10.0,
         "socket_connect_timeout": 5.0,
-        "socket_keepalive": True,
         "health_check_interval": 30,
         "retry": _no_retry(asyncio=asyncio),
         "retry_on_error": [],
     }
+    if not unix:  # unix socket connections take no keepalive option (and need none)
+        options["socket_keepalive"] = True
     options.update(overrides)
     return options
 
@@ -198,9 +201,11 @@ def connect(
     secrets = secrets_in_url(url)
     try:
         parts = urlsplit(url)
-    except ValueError as exc:
+    except ValueError:
+        # urllib's message quotes the host part, where a mistyped password may sit.
         raise _config_error(
-            f"cannot parse Redis URL {shown}: {_error_text(exc, secrets)}"
+            f"cannot parse Redis URL {shown}: percent-encode reserved characters such as "
+            "[ ] / ? # @ in the user name and password"
         ) from None
     scheme = parts.scheme
     if scheme not in _SCHEMES + _SENTINEL_SCHEMES:
@@ -215,11 +220,16 @@ def connect(
             "in the user name, password and options (%2F %3F %23 %40)"
         )
     query = parse_qs(parts.query, keep_blank_values=True)
-    tls_options = sorted(k for k in (*query, *options) if k.startswith("ssl"))
-    if tls_options and scheme not in _TLS_SCHEMES:
+    unknown = [k for k in query if not _known_option(k, sentinel=scheme in _SENTINEL_SCHEMES)]
+    if unknown:
         raise _config_error(
-            f"TLS option(s) {', '.join(tls_options)} need a rediss:// URL, got {shown}"
+            f"Redis URL {shown} has unknown option(s){_named(unknown, shown)} "
+            "(percent-encode & = # in option values)"
         )
+    tls_options = [k for k in (*query, *options) if k.startswith("ssl")]
+    if tls_options and scheme not in _TLS_SCHEMES:
+        named = _named(tls_options, shown, always=options)
+        raise _config_error(f"TLS option(s){named} need a rediss:// URL, got {shown}")
     if any(v.lower() == "none" for v in query.get("ssl_cert_reqs", [])):
         log.warning("TLS certificate verification is OFF for %s (ssl_cert_reqs=none)", shown)
     if scheme in _SENTINEL_SCHEMES:
@@ -232,12 +242,29 @@ def connect(
     cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
     target = _REDIS_PY_SCHEME.get(scheme, scheme) + url[len(scheme) :]
     try:
-        client = cls.from_url(target, **_safe_options(options, asyncio=asyncio))
+        client = cls.from_url(
+            target, **_safe_options(options, asyncio=asyncio, unix=scheme == "unix")
+        )
     except (ValueError, TypeError) as exc:
         raise _config_error(
             f"bad Redis URL or option for {shown}: {_error_text(exc, secrets)}"
         ) from None
     return client  # type: ignore[no-any-return]
+
+
+def _named(names: Iterable[str], shown: str, always: Iterable[str] = ()) -> str:
+    """`` a, b``: the option names that the redacted URL ``shown`` shows (a name that it does
+    not show came out of a secret value with an unencoded ``&`` in it), and those in
+    ``always`` (keyword arguments)."""
+    keywords = set(always)
+    visible = sorted(
+        {
+            n
+            for n in names
+            if n in keywords or re.search(rf"(?:^|[?&;]){re.escape(n)}(?:[=&;#]|$)", shown)
+        }
+    )
+    return " " + ", ".join(visible) if visible else ""
 
 
 def _address(text: str, default_port: int) -> tuple[str, int]:
@@ -285,7 +312,7 @@ def _sentinel_client(
     if tls:
         sentinel_kwargs.update({k: v for k, v in node.items() if k.startswith("ssl_")}, ssl=True)
     sentinel_kwargs.update(node.pop("sentinel_kwargs", None) or {})
-    manager_class: Any = redis.asyncio.sentinel.Sentinel if asyncio else redis.sentinel.Sentinel
+    manager_class: Any = _AsyncSentinel if asyncio else _Sentinel
     manager = manager_class(sentinels, sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(  # type: ignore[no-any-return]
         service,
@@ -328,10 +355,8 @@ def _parse_sentinel_url(
                 settings[name] = parser(values[-1])
             except (TypeError, ValueError):
                 raise bad(f"has a bad value for option {name!r}") from None
-        elif name in _SENTINEL_STR_OPTIONS or name.startswith("ssl_"):
+        else:  # connect() refused unknown options already
             settings[name] = values[-1]
-        else:
-            raise bad(f"has an unknown option {name!r}")
     if len(path) == 2:
         if not re.fullmatch(r"[0-9]+", path[1]):
             raise bad("has a bad db: use a number")
@@ -343,10 +368,56 @@ def _parse_sentinel_url(
     return sentinels, path[0], settings
 
 
-#: ``redis+sentinel://`` options that are strings (numbers and flags: redis-py's parsers)
-_SENTINEL_STR_OPTIONS = frozenset(
-    {"username", "password", "sentinel_username", "sentinel_password", "client_name"}
+#: URL options that are strings (numbers and flags: those redis-py has a parser for)
+_STR_OPTIONS = frozenset(
+    {
+        "username",
+        "password",
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "encoding",
+        "encoding_errors",
+    }
 )
+
+
+def _known_option(name: str, *, sentinel: bool) -> bool:
+    """Whether a URL option is one the connections take: redis-py hands any other one to the
+    connection class, which fails at the first command, far from the URL."""
+    if name in URL_QUERY_ARGUMENT_PARSERS or name in _STR_OPTIONS or name.startswith("ssl_"):
+        return True
+    return sentinel and name in ("sentinel_username", "sentinel_password")
+
+
+def _no_primary(manager: Any, service: str) -> str:
+    addresses = ", ".join(
+        "{host}:{port}".format_map(s.connection_pool.connection_kwargs) for s in manager.sentinels
+    )
+    return f"no sentinel of {addresses} names a primary for service {service!r}"
+
+
+class _Sentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel, whose "no master found" says which sentinels were asked in a few
+    words instead of the full repr of every sentinel client."""
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+        except redis.sentinel.MasterNotFoundError as exc:
+            raise redis.sentinel.MasterNotFoundError(_no_primary(self, service_name)) from exc
+
+
+class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
+    """The asyncio twin of ``_Sentinel``."""
+
+    async def discover_master(self, service_name: str) -> Any:
+        try:
+            return await super().discover_master(service_name)
+        except redis.asyncio.sentinel.MasterNotFoundError as exc:
+            raise redis.asyncio.sentinel.MasterNotFoundError(
+                _no_primary(self, service_name)
+            ) from exc
 
 
 class _SentinelPool(redis.sentinel.SentinelConnectionPool):
@@ -398,20 +469,23 @@ def reader_connection(
         encoding=encoding or "utf-8",
         encoding_errors="surrogateescape",
         socket_timeout=read_timeout_s,
-        socket_keepalive=True,
         retry=_no_retry(asyncio=isinstance(pool, redis.asyncio.ConnectionPool)),
         health_check_interval=0,
     )
+    connection_class = pool.connection_class
+    if not issubclass(connection_class, _UNIX_CONNECTIONS):
+        kwargs["socket_keepalive"] = True
     if name is not None:
         safe = "".join(ch if ch.isprintable() and ch != " " else "_" for ch in name)
         kwargs["client_name"] = "conveyor:" + safe
-    connection_class = pool.connection_class
     if issubclass(connection_class, redis.sentinel.SentinelManagedConnection):
         connection_class = _sentinel_reader_class(connection_class)
     elif issubclass(connection_class, redis.asyncio.sentinel.SentinelManagedConnection):
         connection_class = _async_sentinel_reader_class(connection_class)
     return connection_class(**kwargs)
 
+
+_UNIX_CONNECTIONS = (redis.UnixDomainSocketConnection, redis.asyncio.UnixDomainSocketConnection)
 
 # A Sentinel-managed connection finds the primary in connect(), but redis-py's
 # send_packed_command() connects through connect_check_health(), which goes straight to the
