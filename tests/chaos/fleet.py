@@ -158,7 +158,12 @@ class Fleet:
 
     def stop(self, timeout_s: float = 20) -> dict[str, int | None]:
         """Warm stop: SIGTERM every live worker, wait; SIGKILL what is left after the timeout.
-        Returns the exit code per worker (None: had to be killed)."""
+        Returns the exit code per worker (None: had to be killed).
+
+        Workers started a moment ago are waited for first: a SIGTERM that arrives while Python
+        is still importing ends the process by the signal's default action (exit -15), before
+        it has a handler, which says nothing about the worker."""
+        self.wait_ready(self.live)
         for w in self.live:
             with contextlib.suppress(ProcessLookupError):
                 w.proc.send_signal(signal.SIGTERM)
