@@ -20,13 +20,17 @@ from conveyor._core import status
 from conveyor._core.monitor_scripts import MOVE_DEAD_ENTRIES
 from conveyor._keys import heartbeat_key
 from tests.conftest import Drivers
-from tests.test_recovery import fill, play_dead
+from tests.test_recovery import fill
+from tests.test_recovery import play_dead as stop_heartbeats
 
 Name = Callable[[str], str]
 #: consumers beat every 50 ms; monitors call them dead after 3 x 100 ms, leaving room for a
 #: busy test machine
 FAST = {"heartbeat_ms": 50, "max_wait_ms": 20}
 MONITOR_HEARTBEAT_MS = 100
+#: consumers that must stay alive through a test: an asyncio consumer beats only while the
+#: test runs its event loop, so a heir with FAST beats could look dead on a busy machine
+STEADY = {"heartbeat_ms": 1000, "max_wait_ms": 20}
 
 
 class Watch:
@@ -70,6 +74,24 @@ def until(drivers: Drivers, condition: Callable[[], Any], what: str, timeout_s: 
             return value
         pause(drivers, 0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def play_dead(drivers: Drivers, c: Any) -> None:
+    """Stop a consumer's heartbeats as if its process died, and wait until they have stopped.
+
+    An asyncio consumer's heartbeat task may outlive one ``cancel()``: on Python 3.11,
+    ``asyncio.wait_for`` (which redis-py wraps around every write) swallows a cancellation that
+    arrives after the write finished but before the task resumed, and the task beats on. So
+    cancel again until the task is done."""
+    stop_heartbeats(c)
+    task = getattr(getattr(c, "_target", None), "_heartbeat_task", None)
+    if task is not None:
+
+        def stopped() -> bool:
+            task.cancel()
+            return bool(task.done())
+
+        until(drivers, stopped, "the heartbeat task to end")
 
 
 def status_of(watch: Watch, consumer: str, group: str = "g") -> str:
@@ -135,7 +157,7 @@ def test_a_consumer_whose_heartbeat_stopped_is_dead(
     assert len(c.get_batch()) == 3
     watch = Watch(drivers, s, batch_size=2)
     assert status_of(watch, "victim") == status.TOO_MANY_PENDING
-    play_dead(c)
+    play_dead(drivers, c)
     until(drivers, lambda: status_of(watch, "victim") == status.DEAD, "DEAD")  # over pending
     snap = watch.collect()
     group = snap.group()
@@ -338,14 +360,14 @@ def test_cleanup_moves_a_dead_consumers_entries_and_loses_nothing(
 ) -> None:
     s = name("s")
     ids = fill(r, s, 10)
-    idle = drivers.consumer(s, "g", consumer="idle", batch_size=2, **FAST)
+    idle = drivers.consumer(s, "g", consumer="idle", batch_size=2, **STEADY)
     acked = idle.get_batch()
     idle.ack_many(acked)
-    busy = drivers.consumer(s, "g", consumer="busy", batch_size=4, **FAST)
+    busy = drivers.consumer(s, "g", consumer="busy", batch_size=4, **STEADY)
     victim = drivers.consumer(s, "g", consumer="victim", batch_size=4, **FAST)
     held = [m.id for m in busy.get_batch()]
     lost = [m.id for m in victim.get_batch()]
-    play_dead(victim)
+    play_dead(drivers, victim)
     watch = Watch(drivers, s, batch_size=100)
     until(drivers, lambda: status_of(watch, "victim") == status.DEAD, "DEAD")
 
@@ -376,7 +398,7 @@ def test_without_a_live_consumer_a_dead_ones_entries_stay_for_reclaim(
     fill(r, s, 3)
     victim = drivers.consumer(s, "g", consumer="victim", batch_size=3, **FAST)
     held = [m.id for m in victim.get_batch()]
-    play_dead(victim)
+    play_dead(drivers, victim)
     watch = Watch(drivers, s)
     until(drivers, lambda: status_of(watch, "victim") == status.DEAD, "DEAD")
     report = watch.cleanup()
@@ -456,9 +478,9 @@ def test_entries_deleted_while_pending_are_reported_as_dropped(
     ids = fill(r, s, 3)
     victim = drivers.consumer(s, "g", consumer="victim", batch_size=3, **FAST)
     assert len(victim.get_batch()) == 3
-    heir = drivers.consumer(s, "g", consumer="heir", **FAST)
+    heir = drivers.consumer(s, "g", consumer="heir", **STEADY)
     assert len(heir.get_batch()) == 0  # joins the group
-    play_dead(victim)
+    play_dead(drivers, victim)
     r.xdel(s, ids[1])
     watch = Watch(drivers, s, batch_size=100)
     until(drivers, lambda: status_of(watch, "victim") == status.DEAD, "DEAD")
