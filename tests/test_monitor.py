@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -488,3 +489,71 @@ def test_entries_deleted_while_pending_are_reported_as_dropped(
     assert [list(m.ids) for m in report.moved] == [[ids[0], ids[2]]]
     assert report.dropped == (("g", ids[1]),) and report.removed == (("g", "victim"),)
     assert pending_ids(r, s) == [ids[0], ids[2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Garbage from other clients in the heartbeats key
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["²", "abc", "", "12:x", "1:", ":5", "-5", "9" * 40, "1:" + "9" * 40, "99999999999999999"],
+)
+def test_a_garbage_heartbeat_is_ignored_and_the_consumer_judged_by_idle_time(
+    drivers: Drivers, r: redis.Redis, name: Name, garbage: str
+) -> None:
+    s = name("s")
+    fill(r, s, 2)
+    live = drivers.consumer(s, "g", consumer="live", batch_size=1, **STEADY)
+    assert len(live.get_batch()) == 1
+    r.xreadgroup("g", "scribbled", {s: ">"}, count=1)
+    r.hset(heartbeat_key(s, "g"), "scribbled", garbage)
+    watch = Watch(drivers, s, idle_time_ms_warning_threshold=60_000)
+
+    snap = watch.collect()
+
+    scribbled = snap.group().consumer("scribbled")
+    assert (scribbled.heartbeat_age_ms, scribbled.status) == (None, status.OK)
+    assert snap.group().consumer("live").heartbeat_age_ms is not None  # its beat still counts
+    assert snap.health().code == 0
+    pause(drivers, 0.05)
+    idle = Watch(drivers, s, idle_time_ms_warning_threshold=10).collect()
+    assert idle.group().consumer("scribbled").status == status.IDLE  # by idle time, never DEAD
+    assert watch.cleanup().removed == ()  # it owns an entry: kept
+
+
+@pytest.mark.parametrize("kind", ["string", "list"])
+def test_a_heartbeats_key_of_the_wrong_type_is_logged_once_and_judged_by_idle_time(
+    drivers: Drivers,
+    r: redis.Redis,
+    name: Name,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = name("s")
+    fill(r, s, 1)
+    r.xgroup_create(s, "g", "0")
+    r.xreadgroup("g", "holder", {s: ">"}, count=1)
+    r.xgroup_createconsumer(s, "g", "empty")
+    key = heartbeat_key(s, "g")
+    if kind == "string":
+        r.set(key, "garbage")
+    else:
+        r.rpush(key, "a", "b")
+    watch = Watch(drivers, s, idle_time_ms_warning_threshold=10)
+    pause(drivers, 0.05)
+
+    with caplog.at_level(logging.WARNING, logger="conveyor.monitor"):
+        snap = watch.collect()
+        watch.collect()
+        report = watch.cleanup()
+
+    assert {c.name: (c.heartbeat_age_ms, c.status) for c in snap.group().consumers} == {
+        "holder": (None, status.IDLE),
+        "empty": (None, status.IDLE),
+    }
+    warnings = [rec.getMessage() for rec in caplog.records if key in rec.getMessage()]
+    assert len(warnings) == 1 and "not a hash" in warnings[0]
+    assert report.removed == (("g", "empty"),)  # owns nothing, idle: removed, and reported
+    assert [c["name"] for c in r.xinfo_consumers(s, "g")] == [b"holder"]
+    assert r.type(key) == kind.encode()  # not ours to repair

@@ -200,6 +200,8 @@ class _MonitorBase:
         self.client = client
         self.stream = stream
         self.group = group
+        #: groups whose heartbeats key holds something else than a hash (another client's)
+        self._unreadable_beats: set[str] = set()
         self.thresholds = status.make_thresholds(
             batch_size=batch_size,
             idle_time_ms_warning_threshold=idle_time_ms_warning_threshold,
@@ -245,7 +247,7 @@ class _MonitorBase:
                     self._checked(consumers_reply, f"group {g!r} of stream {s!r}")
                     raise GroupMissingError(f"stream {s!r} has no group {g!r}")
                 continue  # deleted since it was listed
-            beats = cmd.parse_text_hash(self._checked(beats_reply, "heartbeats"))
+            beats = self._beats(g, beats_reply)
             consumers = [
                 status.build_consumer(c, g, beats, now_ms, self.thresholds)
                 for c in cmd.parse_xinfo_consumers(consumers_reply)
@@ -266,6 +268,27 @@ class _MonitorBase:
             for r, consumers, oldest in parts
         )
         return Snapshot(now_ms, stream, groups, self.thresholds)
+
+    def _beats(self, group: str, reply: Any) -> dict[str, str]:
+        """A group's heartbeats. A key that is not a hash (another client wrote it) is logged
+        once and read as empty: every consumer is then judged by its idle time."""
+        key = heartbeat_key(self.stream, group)
+        if isinstance(reply, ResponseError) and cmd.error_code(reply) == "WRONGTYPE":
+            if group not in self._unreadable_beats:
+                self._unreadable_beats.add(group)
+                log.warning(
+                    "%s is not a hash (another client wrote it): group %r of stream %r is "
+                    "judged by idle time alone",
+                    key,
+                    group,
+                    self.stream,
+                )
+            return {}
+        beats = cmd.parse_text_hash(self._checked(reply, f"heartbeats {key}"))
+        if group in self._unreadable_beats:
+            self._unreadable_beats.discard(group)
+            log.warning("%s is a hash again: heartbeats of group %r are read", key, group)
+        return beats
 
     def _cleanup(self, snapshot: Snapshot | None) -> Step[CleanupReport]:
         if snapshot is None:
@@ -297,6 +320,8 @@ class _MonitorBase:
         return done.report(s)
 
     def _remove_command(self, group: str, name: str) -> cmd.Command:
+        if group in self._unreadable_beats:  # HDEL would fail after the consumer was removed
+            return ("EVAL", REMOVE_IF_IDLE, 1, self.stream, _wire(group), _wire(name))
         key = _wire(heartbeat_key(self.stream, group))
         return ("EVAL", REMOVE_IF_IDLE, 2, self.stream, key, _wire(group), _wire(name))
 

@@ -167,6 +167,28 @@ def test_heartbeat_age_comes_from_the_hash_and_server_time() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "garbage", ["\u00b2", "\u0661\u0662", "abc", "", "12:x", "1:", ":5", "-5", " 5", "9" * 40]
+)
+def test_a_heartbeat_other_clients_garbled_is_ignored(garbage: str) -> None:
+    reply = cmd.ConsumerReply("w1", 3, 50_000, None)
+    c = status.build_consumer(reply, "g", {"w1": garbage}, 20_000, README_THRESHOLDS)
+    assert (c.heartbeat_age_ms, c.status) == (None, status.IDLE)  # by idle time, never DEAD
+
+
+def test_a_heartbeat_from_the_far_future_is_ignored() -> None:
+    reply = cmd.ConsumerReply("w1", 0, 5, None)
+    now_ms = 1_700_000_000_000
+    soon = status.build_consumer(
+        reply, "g", {"w1": f"{now_ms + 5_000}:900"}, now_ms, README_THRESHOLDS
+    )
+    assert soon.heartbeat_age_ms == 0  # a clock a little ahead, after a failover
+    later = status.build_consumer(
+        reply, "g", {"w1": "99999999999999999"}, now_ms, README_THRESHOLDS
+    )
+    assert later.heartbeat_age_ms is None and later.status == status.OK
+
+
 def test_pending_age_comes_from_the_id_time_part() -> None:
     assert status.pending_age_ms("1700000000000-5", 1_700_000_001_500) == 1500
     assert status.pending_age_ms("1700000009999-0", 1_700_000_000_000) == 0  # clock skew

@@ -137,19 +137,34 @@ def pending_age_ms(entry_id: str | None, now_ms: int) -> int | None:
     return max(0, now_ms - added_ms)
 
 
+#: most digits a heartbeat's numbers may have: beyond, the value is not one a consumer wrote
+_BEAT_DIGITS = 18
+#: a beat dated this far after the server's clock is garbage (a failover to a server whose
+#: clock is a little behind is not)
+_BEAT_FUTURE_MS = 60_000
+
+
 def parse_beat(value: str | None) -> tuple[int, int | None] | None:
     """A heartbeat value, ``<server ms>:<timeout ms>`` (or a plain ``<server ms>``), as
-    ``(beat_ms, timeout_ms or None)``; None when absent or unreadable.
+    ``(beat_ms, timeout_ms or None)``; None when absent or unreadable. Other clients may write
+    anything into the hash: only plain ASCII digits of a sane length are read.
 
     >>> parse_beat("1700000000000:15000"), parse_beat("1700000000000"), parse_beat("x")
     ((1700000000000, 15000), (1700000000000, None), None)
+    >>> parse_beat("\u00b2"), parse_beat(""), parse_beat("12:x"), parse_beat("9" * 40)
+    (None, None, None, None)
     """
     if value is None:
         return None
-    beat, _, timeout = value.partition(":")
-    if not beat.isdigit() or (timeout and not timeout.isdigit()):
+    beat, sep, timeout = value.partition(":")
+    if not _is_count(beat) or (sep and not _is_count(timeout)):
         return None
-    return int(beat), int(timeout) if timeout else None
+    return int(beat), (int(timeout) or None) if sep else None
+
+
+def _is_count(text: str) -> bool:
+    # str.isdigit() accepts "²" and other digits int() refuses
+    return 0 < len(text) <= _BEAT_DIGITS and text.isascii() and text.isdigit()
 
 
 def build_consumer(
@@ -159,8 +174,14 @@ def build_consumer(
     now_ms: int,
     thresholds: Thresholds,
 ) -> ConsumerInfo:
-    """A ConsumerInfo from its XINFO CONSUMERS row and the group's heartbeats hash."""
+    """A ConsumerInfo from its XINFO CONSUMERS row and the group's heartbeats hash.
+
+    A heartbeat that cannot be read, or that is dated well after ``now_ms``, is ignored: the
+    consumer is then judged by its idle time, which the server keeps.
+    """
     beat = parse_beat(beats.get(reply.name))
+    if beat is not None and beat[0] > now_ms + _BEAT_FUTURE_MS:
+        beat = None
     age = None if beat is None else max(0, now_ms - beat[0])
     timeout = None if beat is None else beat[1]
     return ConsumerInfo(
