@@ -112,3 +112,11 @@ def test_an_unknown_url_option_is_refused_at_once(option: str) -> None:
     with pytest.raises(ConfigError, match="unknown option") as info:
         conveyor.connect(f"redis://localhost:6379/0?{option}")
     assert "sekret" not in str(info.value)
+
+
+def test_spaces_around_a_url_are_ignored(redis_url: str) -> None:
+    # A REDIS_URL read from a file often ends with a newline; a leading space is no TLS "s".
+    client = conveyor.connect(f" {redis_url}\n")
+    assert client.connection_pool.connection_class is redis.Connection
+    assert client.ping() is True
+    client.close()

@@ -6,6 +6,7 @@ Every test runs a real primary, replica and sentinel (tests/sentinel.py) on free
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -80,7 +81,7 @@ async def test_an_asyncio_sentinel_url_gives_a_client_of_the_primary(
         assert primary.get(name("k")) == "v"
 
 
-@pytest.mark.parametrize("asyncio", [False, True])
+@pytest.mark.parametrize("use_asyncio", [False, True])
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -100,10 +101,10 @@ async def test_an_asyncio_sentinel_url_gives_a_client_of_the_primary(
     ],
 )
 def test_a_bad_sentinel_url_is_one_line_without_the_password(
-    url: str, problem: str, asyncio: bool
+    url: str, problem: str, use_asyncio: bool
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        conveyor.connect(url, asyncio=asyncio)
+        conveyor.connect(url, asyncio=use_asyncio)
     message = str(info.value)
     assert problem in message
     assert "sekret" not in message and "sek/ret" not in message
@@ -197,7 +198,8 @@ async def test_an_async_consumer_on_a_user_built_sentinel_client(
     with caplog.at_level(logging.WARNING, logger="conveyor"):
         deadline = time.monotonic() + 30
         while len(got) < len(ids) and time.monotonic() < deadline:
-            batch = await consumer.get_batch()
+            # Bounded: a reader on the wrong server would recreate the group forever.
+            batch = await asyncio.wait_for(consumer.get_batch(), timeout=20)
             await consumer.ack_many(batch)
             got += [m.id for m in batch]
     try:

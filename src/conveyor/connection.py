@@ -196,7 +196,7 @@ def connect(
     >>> ar = connect(asyncio=True)                 # doctest: +SKIP
     >>> r = connect("redis+sentinel://s1:26379,s2:26379/mymaster")   # doctest: +SKIP
     """
-    url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+    url = (url or os.environ.get("REDIS_URL") or DEFAULT_URL).strip()
     shown = redact_url(url)
     secrets = secrets_in_url(url)
     try:
@@ -240,7 +240,9 @@ def connect(
         except ValueError as exc:
             raise _config_error(f"Redis URL {shown} has {exc}") from None
     cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
-    target = _REDIS_PY_SCHEME.get(scheme, scheme) + url[len(scheme) :]
+    target = url
+    if scheme in _REDIS_PY_SCHEME:
+        target = _REDIS_PY_SCHEME[scheme] + url[url.index(":") :]
     try:
         client = cls.from_url(
             target, **_safe_options(options, asyncio=asyncio, unix=scheme == "unix")
