@@ -148,7 +148,7 @@ def test_servers_and_sentinel_with_passwords(name: Callable[[str], str]) -> None
             timeout=60,
             check=False,
         )
-        assert result.returncode == 1, result.stderr
+        assert result.returncode in (1, 3), result.stderr  # monitor: 3 is "unknown"
         assert "S3cret" not in result.stdout + result.stderr
         assert result.stderr.startswith("error: cannot connect to redis+sentinel://:***@")
         assert "Traceback" not in result.stderr
