@@ -1,0 +1,206 @@
+"""Redis URLs: their secrets, hidden from every message, and the parts conveyor checks itself.
+
+Passwords never leave here in a message: ``redact_url`` hides the user-info password (even one
+with unencoded ``/ ? # @``) and ``password=`` options; ``secrets_in_url`` lists every secret text
+of a URL, so messages that may quote one can be scrubbed; errors about a URL name the redacted
+URL only, and quote no host part (a mistyped password may sit there).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import SplitResult, parse_qs, unquote, unquote_plus
+
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+from conveyor.errors import ConfigError
+
+__all__ = ["DEFAULT_SENTINEL_PORT", "redact_url", "secrets_in_url"]
+
+DEFAULT_SENTINEL_PORT = 26379
+
+#: a ``...password=value`` query option; the value runs to the next ``&name=`` (so an unencoded
+#: ``&``, ``#`` or ``@`` inside it stays hidden) or to the end
+_QUERY_SECRET = re.compile(r"(?i)((?:^|[?&;])[\w.-]*password=)(.*?)(?=&[\w.-]+=|$)", re.DOTALL)
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def _userinfo(url: str) -> tuple[int, int, bool] | None:
+    """Where the user-info of ``url`` starts and ends (the ``@``), and whether a plain URL parser
+    would have found it there: ``None`` when there is none.
+
+    The user-info ends at the last ``@`` outside the secret query options: a password may hold
+    unencoded ``/ ? # @``, which end the host part for ``urlsplit`` (it then finds no password
+    at all, and the password shows up as path, query or fragment).
+    """
+    start = url.find("://")
+    start = 0 if start < 0 else start + 3
+    masked = _QUERY_SECRET.sub(lambda m: m.group(1) + "*" * len(m.group(2)), url)
+    at = masked.rfind("@")
+    if at < start:
+        return None
+    host_end = next((i for i in range(start, len(masked)) if masked[i] in "/?#"), len(masked))
+    return start, at, at < host_end
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and ``password=`` options replaced by ``***``, fit for logs and
+    error messages, whatever the URL holds.
+
+    >>> redact_url("redis://user:secret@host:6379/0")
+    'redis://user:***@host:6379/0'
+    >>> redact_url("redis+sentinel://:p/w#d@s1:26379,s2:26379/mymaster?sentinel_password=x")
+    'redis+sentinel://:***@s1:26379,s2:26379/mymaster?sentinel_password=***'
+    """
+    span = _userinfo(url)
+    if span is None:
+        return _QUERY_SECRET.sub(r"\1***", url)
+    start, at, plain = span
+    user, colon, _password = url[start:at].partition(":")
+    # Without a colon it is a user name, unless the URL is so broken that it may be anything.
+    shown = f"{user}:***" if colon else (user if plain else "***")
+    return url[:start] + shown + _QUERY_SECRET.sub(r"\1***", url[at:])
+
+
+def secrets_in_url(url: str) -> set[str]:
+    """Every secret text in ``url``, as written and percent-decoded: the password and the values
+    of ``password=`` options. For scrubbing messages that may quote them.
+
+    >>> sorted(secrets_in_url("redis://u:p%40ss@h/0"))
+    ['p%40ss', 'p@ss']
+    """
+    found: list[str] = []
+    span = _userinfo(url)
+    rest = url
+    if span is not None:
+        start, at, plain = span
+        _user, colon, password = url[start:at].partition(":")
+        if colon:
+            found.append(password)
+        elif not plain:
+            found.append(url[start:at])
+        rest = url[at:]
+    found += [m.group(2) for m in _QUERY_SECRET.finditer(rest)]
+    decoded = [f(s) for s in found for f in (unquote, unquote_plus)]
+    return {s for s in (*found, *decoded) if s}
+
+
+def _error_text(exc: BaseException, secrets: Iterable[str]) -> str:
+    """``exc``'s message without the secrets it may quote (the exception's name if a secret
+    too short to replace safely shows up in it)."""
+    text = str(exc)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret in text:
+            if len(secret) < 4:
+                return type(exc).__name__
+            text = text.replace(secret, "***")
+    return text
+
+
+def _config_error(message: str) -> ConfigError:
+    """A ConfigError whose message is one line."""
+    return ConfigError(" ".join(message.split()))
+
+
+def _named(names: Iterable[str], shown: str, always: Iterable[str] = ()) -> str:
+    """`` a, b``: the option names that the redacted URL ``shown`` shows (a name that it does
+    not show came out of a secret value with an unencoded ``&`` in it), and those in
+    ``always`` (keyword arguments)."""
+    keywords = set(always)
+    visible = sorted(
+        {
+            n
+            for n in names
+            if n in keywords or re.search(rf"(?:^|[?&;]){re.escape(n)}(?:[=&;#]|$)", shown)
+        }
+    )
+    return " " + ", ".join(visible) if visible else ""
+
+
+def _address(text: str, default_port: int) -> tuple[str, int]:
+    """``(host, port)`` of ``host[:port]`` or ``[ipv6][:port]``. The ValueError says what is
+    wrong without quoting the text (a mistyped URL may hold a password there)."""
+    if text.startswith("["):
+        host, bracket, tail = text[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError("a bad IPv6 address: write [address]:port")
+        port_text = tail[1:] if tail else None
+    else:
+        host, colon, after = text.partition(":")
+        port_text = after if colon else None
+    if port_text is None:
+        return host, default_port
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) <= 65535:
+        raise ValueError("a bad port: use a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _parse_sentinel_url(
+    parts: SplitResult, bad: Callable[[str], ConfigError]
+) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
+    """The sentinels' addresses, the service and the connection settings of a Sentinel URL."""
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts:
+        raise bad("names no sentinel")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        try:
+            host, port = _address(item, DEFAULT_SENTINEL_PORT)
+        except ValueError as exc:
+            raise bad(f"has {exc}") from None
+        if not host:
+            raise bad("has an empty sentinel address")
+        sentinels.append((unquote(host), port))
+    path = [unquote(p) for p in parts.path.split("/")[1:]]
+    if len(path) > 1 and path[-1] == "":
+        path.pop()  # a trailing slash
+    if not path or not path[0]:
+        raise bad("names no service")
+    if len(path) > 2:
+        raise bad("has more than a service and a db in its path")
+
+    settings: dict[str, Any] = {}
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parser is not None:
+            try:
+                settings[name] = parser(values[-1])
+            except (TypeError, ValueError):
+                raise bad(f"has a bad value for option {name!r}") from None
+        else:  # connect() refused unknown options already
+            settings[name] = values[-1]
+    if len(path) == 2:
+        if not re.fullmatch(r"[0-9]+", path[1]):
+            raise bad("has a bad db: use a number")
+        settings["db"] = int(path[1])
+    if parts.username:
+        settings["username"] = unquote(parts.username)
+    if parts.password:
+        settings["password"] = unquote(parts.password)
+    return sentinels, path[0], settings
+
+
+#: URL options that are strings (numbers and flags: those redis-py has a parser for)
+_STR_OPTIONS = frozenset(
+    {
+        "username",
+        "password",
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "encoding",
+        "encoding_errors",
+    }
+)
+
+
+def _known_option(name: str, *, sentinel: bool) -> bool:
+    """Whether a URL option is one the connections take: redis-py hands any other one to the
+    connection class, which fails at the first command, far from the URL."""
+    if name in URL_QUERY_ARGUMENT_PARSERS or name in _STR_OPTIONS or name.startswith("ssl_"):
+        return True
+    return sentinel and name in ("sentinel_username", "sentinel_password")
