@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import os
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -14,9 +16,11 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import conveyor
 from conveyor import Batch, Consumer, Message
 from conveyor._keys import dead_letter_key
 from conveyor.metrics import INSTALL_HINT, StreamMetrics, WorkerMetrics, require_prometheus, serve
+from conveyor.server import free_port
 
 Name = Callable[[str], str]
 
@@ -127,6 +131,7 @@ def test_stream_metrics_report_groups_and_consumers(
 
     assert value(reg, "conveyor_up", stream=seeded) == 1
     assert value(reg, "conveyor_up", stream=missing) == 0
+    assert value(reg, "conveyor_health", stream=missing) == 3  # unknown
     assert not has_series(reg, "conveyor_stream_length", stream=missing)
     assert value(reg, "conveyor_stream_length", stream=seeded) == 94
     assert value(reg, "conveyor_dead_letter_length", stream=seeded) == 1
@@ -189,3 +194,49 @@ def test_without_prometheus_client_the_error_gives_the_install_hint(
     with pytest.raises(ImportError, match="prometheus_client"):
         WorkerMetrics(consumer)
     assert INSTALL_HINT == "pip install 'conveyor[metrics]'"
+
+
+def test_a_dead_letter_key_of_the_wrong_type_leaves_the_stream_readable(
+    r: redis.Redis, seeded: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    r.delete(dead_letter_key(seeded))
+    r.set(dead_letter_key(seeded), "not a stream")
+    metrics = StreamMetrics(r, [seeded])
+
+    with caplog.at_level(logging.WARNING, logger="conveyor.metrics"):
+        assert value(metrics.registry, "conveyor_up", stream=seeded) == 1
+        assert value(metrics.registry, "conveyor_stream_length", stream=seeded) == 94
+
+    assert not has_series(metrics.registry, "conveyor_dead_letter_length", stream=seeded)
+    assert len([rec for rec in caplog.records if "is not a stream" in rec.getMessage()]) == 1
+
+
+def test_an_unreachable_server_is_logged_once_per_outage(
+    name: Name, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    client = conveyor.connect(f"redis://127.0.0.1:{port}/0")
+    streams = [name("a"), name("b")]
+    metrics = StreamMetrics(client, streams)
+    server = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="conveyor.metrics"):
+            for _ in range(3):
+                assert value(metrics.registry, "conveyor_up", stream=streams[0]) == 0
+                assert value(metrics.registry, "conveyor_health", stream=streams[1]) == 3
+            server = conveyor.EmbeddedServer(
+                os.environ.get("CONVEYOR_TEST_SERVER") or None, port=port
+            ).start()
+            for s in streams:
+                client.xgroup_create(s, "g", "0", mkstream=True)
+            assert value(metrics.registry, "conveyor_up", stream=streams[0]) == 1
+            assert value(metrics.registry, "conveyor_health", stream=streams[1]) == 0
+    finally:
+        client.close()
+        if server is not None:
+            server.close()
+
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert len([m for m in messages if "cannot reach the server at" in m]) == 1
+    assert len([m for m in messages if "answers again" in m]) == 1
+    assert not [m for m in messages if "cannot collect" in m]  # not one line per stream

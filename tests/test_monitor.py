@@ -251,9 +251,25 @@ def test_a_lag_above_max_lag_is_critical(r: redis.Redis, name: Name) -> None:
     s = name("s")
     fill(r, s, 5)
     r.xgroup_create(s, "g", "0")
-    assert Monitor(r, s, "g", max_lag=5).collect().health().code == 0
-    health = Monitor(r, s, "g", max_lag=4).collect().health()
-    assert health.code == 2 and health.reasons == ("group 'g': lag 5 is above max_lag 4",)
+    r.xreadgroup("g", "reader", {s: ">"}, count=1)  # a reader; 4 entries wait
+    assert Monitor(r, s, "g", max_lag=4).collect().health().code == 0
+    health = Monitor(r, s, "g", max_lag=3).collect().health()
+    assert health.code == 2 and health.reasons == ("group 'g': lag 4 is above max_lag 3",)
+
+
+def test_a_backlog_without_a_live_consumer_is_a_warning(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    fill(r, s, 5)
+    r.xgroup_create(s, "g", "0")
+    health = Watch(drivers, s, max_lag=10).collect().health()
+    assert health.code == 1
+    assert health.reasons == ("group 'g': 5 entries wait (lag) and no live consumer reads them",)
+    assert Watch(drivers, s, max_lag=4).collect().health().code == 2
+    c = drivers.consumer(s, "g", consumer="worker", batch_size=2, **STEADY)
+    c.ack_many(c.get_batch())  # a live consumer: the backlog is being worked off
+    assert Watch(drivers, s, max_lag=10).collect().health().code == 0
 
 
 def test_the_stream_figures(r: redis.Redis, name: Name) -> None:

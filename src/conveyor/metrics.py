@@ -25,9 +25,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from conveyor._core.commands import error_code
 from conveyor._keys import dead_letter_key
+from conveyor.connection import describe
 from conveyor.consumer import AsyncConsumer, Consumer
-from conveyor.models import Batch
+from conveyor.errors import ConnectionLost
+from conveyor.models import UNKNOWN, Batch
 from conveyor.monitor import Monitor, Snapshot
 
 if TYPE_CHECKING:
@@ -185,14 +192,16 @@ class _Reading:
 class StreamMetrics:
     """Streams, their groups and consumers as Prometheus gauges, from ``Monitor`` snapshots.
 
-    Per stream: length, dead-letter depth, health (0 ok, 1 warning, 2 critical) and whether
-    it could be read (``conveyor_up``); per group: lag, pending, oldest pending age and idle
-    time, consumers; per consumer: idle time, pending, heartbeat age, status. ``group``
-    limits the groups to one; ``monitor_options`` go to each Monitor (``batch_size``,
-    ``idle_time_ms_warning_threshold`` ...).
+    Per stream: length, dead-letter depth, health (0 ok, 1 warning, 2 critical, 3 unknown:
+    the stream could not be read) and whether it could be read (``conveyor_up``); per group:
+    lag, pending, oldest pending age and idle time, consumers; per consumer: idle time,
+    pending, heartbeat age, status. ``group`` limits the groups to one; ``monitor_options`` go
+    to each Monitor (``batch_size``, ``idle_time_ms_warning_threshold`` ...).
 
     Snapshots are taken at each scrape; with ``interval_s``, by ``start()``'s thread every
-    ``interval_s`` instead, and scrapes get the latest (cheap under many scrapers).
+    ``interval_s`` instead, and scrapes get the latest (cheap under many scrapers). A server
+    that cannot be reached is logged once per outage (``log_outages=False``: not at all, for a
+    caller that says so itself), a stream that cannot be read once until it can.
 
     >>> metrics = StreamMetrics(r, ["orders", "payments"], group="billing")  # doctest: +SKIP
     >>> server = serve(metrics.registry, 9121)                               # doctest: +SKIP
@@ -206,6 +215,7 @@ class StreamMetrics:
         *,
         registry: CollectorRegistry | None = None,
         interval_s: float | None = None,
+        log_outages: bool = True,
         **monitor_options: Any,
     ) -> None:
         require_prometheus()
@@ -220,6 +230,10 @@ class StreamMetrics:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
+        self._log_outages = log_outages
+        self._unreachable = False
+        #: streams whose dead-letter key is not a stream (another client's)
+        self._odd_dead_letters: set[str] = set()
         self.registry.register(self)
 
     def refresh(self) -> list[_Reading]:
@@ -233,19 +247,44 @@ class StreamMetrics:
         started = time.perf_counter()
         try:
             snapshot = monitor.collect()
-            dead = int(self.client.xlen(dead_letter_key(monitor.stream)))
+            dead = self._dead_letters(monitor.stream)
         except Exception as exc:  # server down, stream gone ...: a scrape must still answer
             return self._failed(monitor.stream, exc, started)
+        self._reached()
         if monitor.stream in self._failing:
             self._failing.discard(monitor.stream)
             log.warning("stream %r: read again", monitor.stream)
         return _Reading(monitor.stream, snapshot, dead, time.perf_counter() - started)
 
+    def _dead_letters(self, stream: str) -> int | None:
+        """The dead-letter stream's length; None when its key holds something else."""
+        key = dead_letter_key(stream)
+        try:
+            return int(self.client.xlen(key))
+        except ResponseError as exc:
+            if error_code(exc) != "WRONGTYPE":
+                raise
+        if stream not in self._odd_dead_letters:
+            self._odd_dead_letters.add(stream)
+            log.warning("%s is not a stream (another client wrote it): no dead-letter length", key)
+        return None
+
     def _failed(self, stream: str, exc: BaseException, started: float) -> _Reading:
-        if stream not in self._failing:  # one line per outage, not one per scrape
+        if isinstance(exc, ConnectionLost | RedisConnectionError | RedisTimeoutError | OSError):
+            if not self._unreachable:  # one line per outage, not one per stream and scrape
+                self._unreachable = True
+                if self._log_outages:
+                    log.warning("cannot reach the server at %s: %s", describe(self.client), exc)
+        elif stream not in self._failing:  # one line per failure, not one per scrape
             self._failing.add(stream)
             log.warning("stream %r: cannot collect: %s", stream, exc)
         return _Reading(stream, None, None, time.perf_counter() - started, str(exc))
+
+    def _reached(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            if self._log_outages:
+                log.warning("the server at %s answers again", describe(self.client))
 
     def start(self) -> None:
         """With ``interval_s``: refresh now, then every ``interval_s`` from a daemon thread."""
@@ -292,7 +331,11 @@ def _families(readings: Sequence[_Reading]) -> Iterator[Metric]:
     dead = gauge(
         "conveyor_dead_letter_length", "Entries in the stream's dead-letter stream.", "stream"
     )
-    health = gauge("conveyor_health", "Verdict: 0 healthy, 1 warning, 2 critical.", "stream")
+    health = gauge(
+        "conveyor_health",
+        "Verdict: 0 healthy, 1 warning, 2 critical, 3 unknown (the stream could not be read).",
+        "stream",
+    )
     per_group = ("stream", "group")
     lag = gauge("conveyor_group_lag", "Entries not yet delivered to the group.", *per_group)
     pending = gauge("conveyor_group_pending", "Entries delivered, not yet acked.", *per_group)
@@ -325,6 +368,7 @@ def _families(readings: Sequence[_Reading]) -> Iterator[Metric]:
         up.add_metric([r.stream], 0 if r.snapshot is None else 1)
         took.add_metric([r.stream], r.seconds)
         if r.snapshot is None:
+            health.add_metric([r.stream], UNKNOWN)
             continue
         snap = r.snapshot
         length.add_metric([r.stream], snap.stream.length)

@@ -7,6 +7,7 @@ positional ``__init__`` (a frozen dataclass costs twice as much to create).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ __all__ = [
     "PAYLOAD_FIELD",
     "PROVENANCE_FIELDS",
     "SNAPSHOT_VERSION",
+    "UNKNOWN",
     "WARNING",
     "Batch",
     "CleanupReport",
@@ -41,10 +43,57 @@ __all__ = [
     "Thresholds",
     "ThresholdsDict",
     "describe_error",
+    "dump_payload",
+    "non_finite",
 ]
 
 #: The field that holds a codec-encoded payload (``Producer(codec="json")``).
 PAYLOAD_FIELD = "payload"
+
+
+def dump_payload(value: Any) -> str:
+    """``value`` as the JSON of a payload field (``codec="json"``), compact. NaN and the
+    infinities are refused: JSON has no such numbers, and strict parsers (other languages',
+    ``jq``) reject the text Python would write for them. The ValueError names where it is.
+
+    >>> dump_payload({"order_id": 42, "tags": ["a"]})
+    '{"order_id":42,"tags":["a"]}'
+    >>> dump_payload({"price": float("nan")})
+    Traceback (most recent call last):
+    ...
+    ValueError: payload['price'] is nan: JSON has no NaN or Infinity
+    """
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        found = non_finite(value)
+        if found is None:
+            raise
+        where, number = found
+        raise ValueError(
+            f"{PAYLOAD_FIELD}{where} is {number}: JSON has no NaN or Infinity"
+        ) from None
+
+
+def non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """Where the first NaN or infinity in a JSON-like value is (``['items'][2]``), and it.
+
+    >>> non_finite({"a": [1, float("inf")]}), non_finite({"a": 1.5})
+    (("['a'][1]", inf), None)
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    for key, item in items:
+        found = non_finite(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
 
 #: The fields a dead-letter entry adds to the message's own, in the order they are written.
 ORIGIN_STREAM = "conveyor.origin_stream"
@@ -542,7 +591,7 @@ class Thresholds:
     """What a monitor judged consumers and groups by (kept in each snapshot, so a snapshot
     read back from JSON gives the same verdicts)."""
 
-    batch_size: int = 2
+    batch_size: int = 100
     idle_time_ms_warning_threshold: int = 30_000
     heartbeat_timeout_ms: int = 15_000
     pending_age_ms_warning_threshold: int = 30_000
@@ -568,14 +617,16 @@ class Thresholds:
         )
 
 
-#: Health codes, as monitoring plugins use them (and the CLI's exit status).
-HEALTHY, WARNING, CRITICAL = 0, 1, 2
+#: Health codes, as monitoring plugins (Nagios, Icinga) use them, and ``conveyor monitor``'s
+#: exit status: UNKNOWN when there was nothing to judge (server unreachable, stream missing).
+HEALTHY, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """A verdict on a snapshot: ``code`` 0 healthy, 1 warning, 2 critical; ``status`` the
-    word for it (``OK``, ``WARNING``, ``CRITICAL``); ``reasons`` one line per finding.
+    """A verdict on a snapshot: ``code`` 0 healthy, 1 warning, 2 critical, 3 unknown;
+    ``status`` the word for it (``OK``, ``WARNING``, ``CRITICAL``, ``UNKNOWN``); ``reasons``
+    one line per finding.
 
     >>> Health(1, "WARNING", ("group 'billing': consumer 'w1' is idle",)).ok
     False

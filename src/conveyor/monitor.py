@@ -9,6 +9,7 @@ is done by ``conveyor._core.status``; the two monitors share every step but the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from conveyor._core.monitor_scripts import COUNT_AFTER, MOVE_DEAD_ENTRIES
 from conveyor._core.scripts import REMOVE_IF_IDLE
 from conveyor._io import Plan as Step
 from conveyor._keys import heartbeat_key
-from conveyor.config import check_name
+from conveyor.config import ConsumerConfig, check_name
 from conveyor.errors import ConfigError, GroupMissingError, ServerError
 from conveyor.models import (
     SNAPSHOT_VERSION,
@@ -40,12 +41,31 @@ from conveyor.models import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["AsyncMonitor", "Monitor", "Snapshot"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_HEARTBEAT_MS",
+    "DEFAULT_IDLE_THRESHOLD_MS",
+    "AsyncMonitor",
+    "Monitor",
+    "Snapshot",
+]
 
 log = logging.getLogger("conveyor.monitor")
 
+
+def _consumer_default(name: str) -> int:
+    (default,) = (f.default for f in dataclasses.fields(ConsumerConfig) if f.name == name)
+    assert isinstance(default, int)
+    return default
+
+
+#: a consumer's batch size when none is given: the consumers' default, so a healthy worker
+#: holding one full batch is OK (redis-streams used 2; pass batch_size=2 for its verdicts)
+DEFAULT_BATCH_SIZE = _consumer_default("batch_size")
 #: a consumer's heartbeat interval when none is given: the consumers' default
 DEFAULT_HEARTBEAT_MS = 5_000
+#: a consumer idle longer than this gets a warning
+DEFAULT_IDLE_THRESHOLD_MS = 30_000
 #: most entries counted when the server cannot tell a group's lag
 LAG_COUNT_LIMIT = 10_000
 #: entries moved from a dead consumer per script call
@@ -90,7 +110,8 @@ class Snapshot:
         return tuple(c for g in self.groups for c in g.consumers)
 
     def health(self) -> Health:
-        """The verdict: code 0 healthy, 1 warning, 2 critical, with the reasons."""
+        """The verdict: code 0 healthy, 1 warning, 2 critical, with the reasons (3, unknown,
+        is for a stream that could not be read: see ``conveyor._core.status.unknown``)."""
         return status.health(self.stream, self.groups, self.thresholds)
 
     def table(self, group: str | None = None, *, names_as_bytes: bool = False) -> str:
@@ -182,8 +203,8 @@ class _MonitorBase:
         client: Any,
         stream: str,
         group: str | None = None,
-        batch_size: int = 2,
-        idle_time_ms_warning_threshold: int = 30_000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        idle_time_ms_warning_threshold: int = DEFAULT_IDLE_THRESHOLD_MS,
         heartbeat_ms: int | None = None,
         *,
         max_lag: int | None = None,
@@ -217,6 +238,8 @@ class _MonitorBase:
         if not isinstance(reply, ResponseError):
             return reply
         text = str(reply)
+        if text.lower() in ("no such key", "err no such key"):
+            raise GroupMissingError(f"stream {self.stream!r} does not exist")
         if cmd.error_code(reply) == "NOGROUP" or "no such key" in text.lower():
             raise GroupMissingError(f"{what}: {text}")
         raise ServerError(f"{what} failed: {text}")
@@ -382,9 +405,10 @@ class Monitor(_MonitorBase):
     a snapshot. A consumer's status (see ``conveyor._core.status``): ``DEAD`` when its heartbeat
     is older than three ``heartbeat_ms`` (give the consumers' value; the default is theirs),
     ``WARNING - idle for long time`` beyond ``idle_time_ms_warning_threshold``, ``WARNING -
-    too many pending items`` beyond ``batch_size``, else ``OK``. ``max_lag``: a lag above it
-    is critical; ``pending_age_ms_warning_threshold`` (default: the idle threshold): an older
-    pending entry is a warning.
+    too many pending items`` beyond ``batch_size`` (default: the consumers' default, 100),
+    else ``OK``. ``max_lag``: a lag above it is critical; ``pending_age_ms_warning_threshold``
+    (default: the idle threshold): an older pending entry is a warning. A group with entries
+    waiting (lag) and no live consumer is a warning.
 
     >>> snap = Monitor(r, "orders", group="billing", batch_size=10).collect()  # doctest: +SKIP
     >>> print(snap.table()); snap.health().code                               # doctest: +SKIP

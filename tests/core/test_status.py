@@ -265,9 +265,37 @@ def test_health_codes() -> None:
     assert verdict(group_of(consumer("a", status.DEAD, pending=0)))[0] == 0
     code, why = verdict(group_of(lag=8, trimmed_undelivered=True), length=3)
     assert code == 2 and "trimmed" in why
-    code, why = verdict(group_of(lag=1001), max_lag=1000)
+    live = consumer("a", status.OK)
+    code, why = verdict(group_of(live, lag=1001), max_lag=1000)
     assert code == 2 and "above max_lag 1000" in why
-    assert verdict(group_of(lag=1000), max_lag=1000)[0] == 0
+    assert verdict(group_of(live, lag=1000), max_lag=1000)[0] == 0
+
+
+def test_a_backlog_without_a_live_consumer_is_a_warning_and_critical_past_max_lag() -> None:
+    code, why = verdict(group_of(lag=5))
+    assert code == 1 and why == "group 'g': 5 entries wait (lag) and no live consumer reads them"
+    dead = consumer("a", status.DEAD, beat=99_000)
+    assert verdict(group_of(dead, lag=5))[0] == 1  # a dead consumer reads nothing
+    assert verdict(group_of(dead, lag=5), max_lag=4)[0] == 2
+    code, why = verdict(group_of(lag=3, lag_estimated=True))
+    assert code == 1 and "about 3 entries wait" in why
+    # a consumer of another library (no heartbeats) serves while it keeps reading
+    reading = ConsumerInfo("java", "g", idle_ms=10, pending=0, status=status.OK)
+    assert verdict(group_of(reading, lag=5))[0] == 0
+    gone = ConsumerInfo("java", "g", idle_ms=60_000, pending=0, status=status.IDLE)
+    assert "no live consumer" in verdict(group_of(gone, lag=5))[1]
+    # nothing waits, or nobody can tell: no finding
+    assert verdict(group_of(lag=0))[0] == 0
+    assert verdict(group_of(lag=None))[0] == 0
+
+
+def test_the_default_batch_size_is_the_consumers() -> None:
+    from conveyor.config import ConsumerConfig
+    from conveyor.monitor import DEFAULT_BATCH_SIZE
+
+    default = ConsumerConfig(streams=("s",), group="g", consumer="c").batch_size
+    assert Thresholds().batch_size == DEFAULT_BATCH_SIZE == default == 100
+    assert status.unknown("stream 's' does not exist").code == 3
 
 
 def test_old_pending_entries_are_a_warning() -> None:

@@ -26,6 +26,7 @@ from conveyor.config import check_int
 from conveyor.models import (
     CRITICAL,
     HEALTHY,
+    UNKNOWN,
     WARNING,
     ConsumerInfo,
     GroupInfo,
@@ -50,12 +51,14 @@ __all__ = [
     "group_figures",
     "health",
     "is_live",
+    "is_serving",
     "least_loaded",
     "looks_numeric",
     "make_thresholds",
     "needs_count",
     "pending_age_ms",
     "removable",
+    "unknown",
 ]
 
 OK = "OK"
@@ -254,7 +257,8 @@ def health(stream: StreamInfo, groups: Sequence[GroupInfo], thresholds: Threshol
 
     Critical: a DEAD consumer owns pending entries; undelivered entries were trimmed; a lag
     above ``max_lag``. Warning: a consumer in a WARNING status; the oldest pending entry older
-    than ``pending_age_ms_warning_threshold`` (by its id's time, else by its idle time).
+    than ``pending_age_ms_warning_threshold`` (by its id's time, else by its idle time);
+    entries waiting (a lag) and no live consumer to read them.
     """
     critical: list[str] = []
     warning: list[str] = []
@@ -276,9 +280,12 @@ def health(stream: StreamInfo, groups: Sequence[GroupInfo], thresholds: Threshol
                 f"{where}: entries were trimmed before the group read them (the server's lag "
                 f"exceeds the stream's length {stream.length})"
             )
+        about = "about " if g.lag_estimated else ""
         if thresholds.max_lag is not None and g.lag is not None and g.lag > thresholds.max_lag:
-            about = "about " if g.lag_estimated else ""
             critical.append(f"{where}: lag {about}{g.lag} is above max_lag {thresholds.max_lag}")
+        if g.lag and not any(is_serving(c, thresholds) for c in g.consumers):
+            waiting = f"{g.lag} entry waits" if g.lag == 1 else f"{g.lag} entries wait"
+            warning.append(f"{where}: {about}{waiting} (lag) and no live consumer reads them")
         age = g.oldest_pending_age_ms
         kind = "old"
         if age is None:
@@ -295,6 +302,16 @@ def health(stream: StreamInfo, groups: Sequence[GroupInfo], thresholds: Threshol
     return Health(HEALTHY, "OK", ())
 
 
+def unknown(reason: str) -> Health:
+    """The verdict when there was nothing to judge: the server could not be reached, the
+    stream or group does not exist.
+
+    >>> unknown("stream 'orders' does not exist")
+    Health(code=3, status='UNKNOWN', reasons=("stream 'orders' does not exist",))
+    """
+    return Health(UNKNOWN, "UNKNOWN", (reason,))
+
+
 # ---------------------------------------------------------------------------------------------
 # What a cleanup may touch
 
@@ -303,6 +320,14 @@ def is_live(consumer: ConsumerInfo) -> bool:
     """Known to be alive: it records heartbeats and the last one is fresh. Only such consumers
     are given a dead one's entries (nothing says a consumer without heartbeats is alive)."""
     return consumer.heartbeat_age_ms is not None and consumer.status != DEAD
+
+
+def is_serving(consumer: ConsumerInfo, thresholds: Thresholds) -> bool:
+    """Reads the group's entries, as far as anyone can tell: live by its heartbeats, or
+    without heartbeats (another library's consumer) and not idle beyond the threshold."""
+    if consumer.heartbeat_age_ms is None:
+        return consumer.idle_ms <= thresholds.idle_time_ms_warning_threshold
+    return is_live(consumer)
 
 
 def removable(group: GroupInfo, thresholds: Thresholds) -> list[str]:
