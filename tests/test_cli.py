@@ -165,14 +165,14 @@ def test_a_password_is_never_shown(via: str, verbose: Sequence[str]) -> None:
 class Running:
     """A ``conveyor`` process in its own process group, its output read line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "conveyor", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(),
+            env=env or _env(),
             start_new_session=True,
         )
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
@@ -185,6 +185,14 @@ class Running:
         for line in pipe:
             self.lines.put((name, line))
         self.lines.put((name, ""))
+
+    def saw(self, pattern: str) -> re.Match[str]:
+        """``pattern`` in a line already read, else in the next lines (stdout and stderr are
+        two pipes: which line of the two comes first is not known)."""
+        for _, line in self.seen:
+            if match := re.search(pattern, line):
+                return match
+        return self.wait_for(pattern)
 
     def wait_for(self, pattern: str) -> re.Match[str]:
         deadline = time.monotonic() + TIMEOUT_S

@@ -2,24 +2,25 @@
 
 Commands that talk to Redis share their connection options through ``redis_options``. Every
 failure a user can cause ends as one ``error: ...`` line on stderr and exit code 1, never a
-traceback (``-vv`` logs it). Logging is configured here, and only here: the library never does.
+traceback (``-vv`` logs it). Logging is configured here (see ``_logging``), and only here: the
+library never does.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, TextIO, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 import redis
 from redis.exceptions import RedisError
 
 import conveyor
+from conveyor.cli import _logging
 from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
 from conveyor.errors import ConveyorError
 
@@ -36,10 +37,11 @@ EXIT_INTERRUPTED = 130
 
 
 class CliError(click.ClickException):
-    """A failure the user can fix: shown as one ``error: ...`` line on stderr, exit code 1."""
+    """A failure the user can fix: shown as one ``error: ...`` line on stderr (a JSON object
+    with --log-format json), exit code 1 (a subclass may set another ``exit_code``)."""
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+        click.echo(_logging.error_line(self.format_message()), file=file, err=file is None)
 
 
 def _one_line(exc: BaseException, secrets: set[str]) -> str:
@@ -60,26 +62,6 @@ class _Group(click.Group):
             raise CliError(_one_line(exc, ctx.meta.get(_SECRETS, set()))) from None
 
 
-class _StderrHandler(logging.StreamHandler[TextIO]):
-    """Writes to ``sys.stderr`` as it is at each record, so log lines print above a live
-    progress display (which swaps ``sys.stderr`` for a proxy while it runs)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def _configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logger = logging.getLogger("conveyor")
-    for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
-        logger.removeHandler(old)
-    handler = _StderrHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-
-
 @click.group(
     cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -91,19 +73,30 @@ def _configure_logging(verbose: int) -> None:
     "-v",
     "--verbose",
     count=True,
-    help="Log more on stderr: -v for INFO, -vv for DEBUG (default: warnings and errors).",
+    help="Log more on stderr: -v for INFO, -vv for DEBUG (default: warnings, errors and the "
+    "command's own notices).",
 )
-def main(verbose: int) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(_logging.FORMATS),
+    default="text",
+    show_default=True,
+    envvar="CONVEYOR_LOG_FORMAT",
+    help="Log lines as text (time, level, logger: message) or as JSON objects, one per line "
+    "(time, level, logger, message, exception). Default: $CONVEYOR_LOG_FORMAT, else text.",
+)
+def main(verbose: int, log_format: str) -> None:
     """Reliable batch processing on Redis Streams consumer groups.
 
     Commands that talk to Redis take --url; without it they use the REDIS_URL environment
-    variable. Errors print one line on stderr and exit with code 1.
+    variable. Errors print one line on stderr and exit with code 1. Log lines carry a UTC
+    timestamp with milliseconds; --log-format json makes each one a JSON object.
 
     \b
     Example:
       conveyor demo --messages 10000 --consumers 4
     """
-    _configure_logging(verbose)
+    _logging.configure(verbose, log_format)
 
 
 # -- shared options ----------------------------------------------------------------------------
@@ -189,7 +182,9 @@ def _start_embedded_server() -> conveyor.EmbeddedServer:
     leaves it running until the consumers have left, and it is then stopped by its pid."""
     server = conveyor.EmbeddedServer()
     server.start()
-    log.info("started %s, pid %s, at %s", server.binary.name, server.pid, server.url)
+    logging.getLogger("conveyor.cli.demo").info(
+        "started %s, pid %s, at %s", server.binary.name, server.pid, server.url
+    )
     return server
 
 

@@ -36,7 +36,7 @@ from conveyor.cli import (
 )
 from conveyor.connection import redact_url
 
-log = logging.getLogger("conveyor.cli")
+log = logging.getLogger("conveyor.cli.demo")
 
 # -- demo --------------------------------------------------------------------------------------
 
