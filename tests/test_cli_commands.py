@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.test_cli import TIMEOUT_S, _env, assert_clean_error
+import conveyor
+from conveyor._keys import heartbeat_key
+from tests.test_cli import TIMEOUT_S, Running, _env, assert_clean_error
 
 Name = Callable[[str], str]
 
@@ -508,7 +510,42 @@ def test_monitor_a_missing_stream_is_one_error_line(redis_url: str, name: Name) 
     result = cli("monitor", "-s", name("none"), url=redis_url)
 
     assert_clean_error(result)
+    assert result.returncode == 3  # UNKNOWN
     assert "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("garbage", ["²", "abc", "", "12:x", "9" * 5000])
+def test_monitor_judges_a_consumer_with_a_garbage_heartbeat_by_idle_time(
+    redis_url: str, r: redis.Redis, name: Name, garbage: str
+) -> None:
+    stream = name("orders")
+    r.xadd(stream, {"n": 1})
+    r.xgroup_create(stream, "g", "0")
+    r.xreadgroup("g", "w1", {stream: ">"})
+    r.hset(heartbeat_key(stream, "g"), "w1", garbage)
+
+    result = cli("monitor", "-s", stream, "-g", "g", url=redis_url)
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| w1 +\| +\d+ \| +1 \| OK +\|", result.stdout), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_monitor_with_a_heartbeats_key_of_the_wrong_type_warns_once(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    stream = name("orders")
+    r.xadd(stream, {"n": 1})
+    r.xgroup_create(stream, "g", "0")
+    r.xreadgroup("g", "w1", {stream: ">"})
+    r.set(heartbeat_key(stream, "g"), "not a hash")
+
+    result = cli("monitor", "-s", stream, "-g", "g", url=redis_url)
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "is not a hash" in warnings[0]
+    assert "health: OK" in result.stderr
 
 
 # -- scale ---------------------------------------------------------------------------------------
@@ -727,3 +764,140 @@ def test_help_is_complete_with_examples(command: tuple[str, ...], words: tuple[s
         assert word in result.stdout, f"{word!r} not in the help of {command}"
     if command != ("groups",):
         assert "--url" in result.stdout
+
+
+# -- a server that is not up yet -----------------------------------------------------------------
+
+
+@pytest.fixture
+def late_server() -> Iterator[tuple[str, Callable[[], conveyor.EmbeddedServer]]]:
+    """The URL of a free port where nothing listens yet, and how to start a server there."""
+    port = free_port()
+    started: list[conveyor.EmbeddedServer] = []
+
+    def start_server() -> conveyor.EmbeddedServer:
+        binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
+        server = conveyor.EmbeddedServer(binary, port=port).start()
+        started.append(server)
+        return server
+
+    yield f"redis://127.0.0.1:{port}/0", start_server
+    for server in started:
+        server.close()
+
+
+def lines_with(output: str, text: str) -> list[str]:
+    return [line for line in output.splitlines() if text in line]
+
+
+def test_run_waits_for_a_server_that_is_not_up_yet(
+    name: Name,
+    worker_env: dict[str, str],
+    late_server: tuple[str, Callable[[], conveyor.EmbeddedServer]],
+) -> None:
+    url, start_server = late_server
+    stream = name("orders")
+    run = Running(
+        "run", "cli_handlers:handle", "-s", stream, "-g", "g", "--max-wait-ms", "100",
+        "--url", url, env=worker_env,
+    )  # fmt: skip
+    try:
+        run.wait_for(r"WARNING conveyor\.cli: cannot reach the server at .*: waiting for it")
+        assert run.proc.poll() is None  # waiting, not gone
+
+        start_server()
+        client = conveyor.connect(url)
+        ids = [client.xadd(stream, {"n": i}).decode() for i in range(5)]
+        client.close()
+        run.saw(r"INFO conveyor\.cli: connected to the server at ")
+        wait_for(lambda: len(seen_ids(worker_env)) == 5, "the worker handled every message")
+        run.proc.send_signal(signal.SIGTERM)
+        returncode, output = run.finish()
+    finally:
+        run.kill()
+
+    assert returncode == 0, output
+    assert sorted(seen_ids(worker_env)) == sorted(ids)
+    assert len(lines_with(output, "cannot reach the server")) == 1
+    assert len(lines_with(output, "connected to the server")) == 1
+    assert "Traceback" not in output
+
+
+def test_run_stops_cleanly_while_waiting_for_the_server(
+    worker_env: dict[str, str], late_server: tuple[str, Callable[[], conveyor.EmbeddedServer]]
+) -> None:
+    url, _ = late_server
+    run = Running("run", "cli_handlers:handle", "-s", "s", "-g", "g", "--url", url, env=worker_env)
+    try:
+        run.wait_for("cannot reach the server")
+        run.proc.send_signal(signal.SIGTERM)
+        returncode, output = run.finish()
+    finally:
+        run.kill()
+
+    assert returncode == 0, output
+    assert "stopped before the server answered" in output
+
+
+def test_exporter_serves_up_0_until_the_server_is_up(
+    name: Name, late_server: tuple[str, Callable[[], conveyor.EmbeddedServer]]
+) -> None:
+    url, start_server = late_server
+    stream = name("orders")
+    port = free_port()
+    run = Running("exporter", "-p", str(port), "--addr", "127.0.0.1", "-s", stream, "--url", url)
+    try:
+        down = scrape(port)
+        run.saw(r"WARNING conveyor\.cli: cannot reach the server at .*conveyor_up 0")
+        assert run.proc.poll() is None
+
+        start_server()
+        client = conveyor.connect(url)
+        client.xadd(stream, {"n": 1})
+        client.xgroup_create(stream, "g", "0")
+        client.close()
+        wait_for(lambda: sample(scrape(port), "conveyor_up", stream=stream) == 1, "up")
+        run.saw(r"INFO conveyor\.cli: connected to the server at ")
+        up = scrape(port)
+        run.proc.send_signal(signal.SIGTERM)
+        returncode, output = run.finish()
+    finally:
+        run.kill()
+
+    assert sample(down, "conveyor_up", stream=stream) == 0
+    assert sample(down, "conveyor_health", stream=stream) == 3  # unknown
+    assert sample(up, "conveyor_health", stream=stream) == 1  # a backlog, nobody to read it
+    assert sample(up, "conveyor_group_lag", stream=stream, group="g") == 1
+    assert returncode == 0, output
+    assert len(lines_with(output, "cannot reach the server")) == 1
+    assert len(lines_with(output, "connected to the server")) == 1
+
+
+def test_monitor_watch_shows_unknown_until_the_server_is_up(
+    name: Name, late_server: tuple[str, Callable[[], conveyor.EmbeddedServer]]
+) -> None:
+    url, start_server = late_server
+    stream = name("orders")
+    args = ("monitor", "-s", stream, "--watch", "--json", "--interval", "0.1", "--url", url)
+    run = Running(*args)
+    try:
+        run.saw(r'"code": 3, "status": "UNKNOWN"')
+        run.saw(r"WARNING conveyor\.cli: cannot reach the server at .*showing UNKNOWN")
+        assert run.proc.poll() is None
+
+        start_server()
+        client = conveyor.connect(url)
+        client.xadd(stream, {"n": 1})
+        client.xgroup_create(stream, "g", "0")
+        client.close()
+        verdict = json.loads(run.wait_for(r'^\{"version".*"code": 1').string)
+        run.saw(r"INFO conveyor\.cli: connected to the server at ")
+        run.proc.send_signal(signal.SIGTERM)
+        returncode, output = run.finish()
+    finally:
+        run.kill()
+
+    assert verdict["groups"][0]["lag"] == 1 and verdict["health"]["status"] == "WARNING"
+    assert returncode == 0, output
+    assert len(lines_with(output, "cannot reach the server")) == 1
+    assert len(lines_with(output, "connected to the server")) == 1

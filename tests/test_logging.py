@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
 
 from conveyor._keys import heartbeat_key
 from conveyor.cli._logging import JsonFormatter, TextFormatter
-from tests.test_cli import _env
+from tests.test_cli import Running, _env
 from tests.test_cli_commands import cli
 
 Name = Callable[[str], str]
@@ -99,6 +101,41 @@ def test_an_exception_as_json_is_its_exception_field(
     assert "WRONGTYPE" in failed["exception"].splitlines()[-1]
     assert rows[-1]["level"] == "ERROR" and "WRONGTYPE" in rows[-1]["message"]
     assert result.returncode == 1
+
+
+FAILING = """
+def handle(batch):
+    raise ValueError("no such customer")
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_worker_logs_only_stamped_lines(
+    redis_url: str, r: redis.Redis, name: Name, tmp_path: Path, log_format: str
+) -> None:
+    (tmp_path / "failing.py").write_text(FAILING)
+    stream = name("orders")
+    r.xadd(stream, {"n": 1})
+    env = {**_env(), "REDIS_URL": redis_url, "PYTHONPATH": str(tmp_path)}
+    args = ("run", "failing:handle", "-s", stream, "-g", "g", "--max-wait-ms", "50")
+    run = Running("--log-format", log_format, *args, env=env)
+    try:
+        run.wait_for("handler failed")
+        run.proc.send_signal(signal.SIGTERM)
+        returncode, output = run.finish()
+    finally:
+        run.kill()
+
+    assert returncode == 0, output
+    if log_format == "json":
+        rows = json_lines(output)
+        assert any("handler failed" in row["message"] for row in rows)
+        assert any(row["message"].startswith("worker ") for row in rows)  # its notices too
+        for row in rows:
+            assert "exception" not in row or row["exception"].startswith("Traceback")
+    else:
+        for line in output.splitlines():
+            assert TEXT_LINE.match(line) or line.startswith("    "), line
 
 
 def record(exc_info: bool) -> logging.LogRecord:

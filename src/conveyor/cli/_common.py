@@ -1,13 +1,16 @@
-"""What several command modules share: the --stream and --group options, looking a group up
-with an error that says what exists instead, durations for people, and tables on stdout."""
+"""What several command modules share: the --stream, --group and --json options, looking a
+group up with an error that says what exists instead, durations for people, and tables or JSON
+on stdout."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import click
 import redis
@@ -17,16 +20,22 @@ from rich.table import Table
 
 from conveyor._core.commands import as_text
 from conveyor.cli import CliError, open_client
+from conveyor.connection import redact_url
+from conveyor.monitor import DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT_MS, DEFAULT_IDLE_THRESHOLD_MS
 
 __all__ = [
+    "check_url",
     "client_for",
     "confirm",
+    "echo_json",
     "entries",
     "group_info",
     "group_option",
     "idle_text",
+    "json_option",
     "print_table",
     "quiet_broken_pipe",
+    "status_options",
     "stream_option",
 ]
 
@@ -50,9 +59,53 @@ def group_option(func: F) -> F:
     )(func)
 
 
+def json_option(func: F) -> F:
+    """``--json``: a listing prints one JSON object per line (per entry, group, message...), a
+    single result one JSON object; for scripts and jq."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print JSON: one object per line for a listing, one object for a result.",
+    )(func)
+
+
+def echo_json(value: Any) -> None:
+    """``value`` as JSON on one line of stdout."""
+    click.echo(json.dumps(value))
+
+
+_DB_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
+
+
+def check_url(url: str | None) -> None:
+    """Refuse a database that is not a number (``redis://host:6379/abc``): redis-py would
+    quietly use database 0. One the server does not have is refused when connecting."""
+    text = url or os.environ.get("REDIS_URL")
+    if not text:
+        return
+    try:
+        parts = urlsplit(text)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return  # connect() says what is wrong with it
+    if parts.scheme not in _DB_SCHEMES:
+        return  # Sentinel URLs name a service there; others are refused by connect()
+    found = list(query.get("db", []))
+    if parts.scheme != "unix" and unquote(parts.path).strip("/"):
+        found.insert(0, unquote(parts.path).strip("/"))
+    for db in found:
+        if not (db.isascii() and db.isdigit()):
+            raise CliError(
+                f"the database in {redact_url(text)} is {db!r}, not a number (the URL ends "
+                "with /DB, a database number: 0, 1, 2 ...)"
+            )
+
+
 @contextmanager
 def client_for(url: str | None) -> Iterator[redis.Redis]:
     """A client that answered PING, closed after the block."""
+    check_url(url)
     client = open_client(url)
     try:
         yield client
@@ -142,18 +195,22 @@ def quiet_broken_pipe() -> Iterator[None]:
 
 
 def status_options(func: F) -> F:
-    """The options that decide a consumer's status, shared by ``monitor`` and ``exporter``."""
+    """The options that decide a consumer's status, shared by ``monitor`` and ``exporter``;
+    their defaults are the consumers' own."""
     func = click.option(
         "--heartbeat-ms",
         metavar="MS",
         type=click.IntRange(min=1),
-        help="The consumers' heartbeat interval (default: theirs); three missed beats: DEAD.",
+        default=DEFAULT_HEARTBEAT_MS,
+        show_default=True,
+        help="The consumers' heartbeat interval (give theirs if they were given one); three "
+        "missed beats: DEAD.",
     )(func)
     func = click.option(
         "--idle-threshold-ms",
         metavar="MS",
         type=click.IntRange(min=1),
-        default=30_000,
+        default=DEFAULT_IDLE_THRESHOLD_MS,
         show_default=True,
         help="A consumer idle longer than this gets a warning.",
     )(func)
@@ -161,7 +218,8 @@ def status_options(func: F) -> F:
         "--batch-size",
         metavar="N",
         type=click.IntRange(min=1),
-        default=2,
+        default=DEFAULT_BATCH_SIZE,
         show_default=True,
-        help="A consumer holding more pending entries than this gets a warning.",
+        help="The consumers' batch size (give theirs if they were given one): a consumer "
+        "holding more pending entries than this gets a warning.",
     )(func)

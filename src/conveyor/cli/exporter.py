@@ -1,13 +1,30 @@
-"""``conveyor exporter``: Prometheus metrics of streams, groups and consumers over HTTP."""
+"""``conveyor exporter``: Prometheus metrics of streams, groups and consumers over HTTP.
+
+It serves from the start, whether the server is up or not: while the server cannot be reached
+every stream has ``conveyor_up 0`` and ``conveyor_health 3``. The main thread checks the server
+(PING) with a capped backoff while it is down and every few seconds while it is up, and says
+once when it goes away and once when it is back.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import click
+import redis
+from redis.exceptions import RedisError
 
-from conveyor.cli import CliError, _sigterm_as_interrupt, main, open_client, redis_options
-from conveyor.cli._common import status_options
+import conveyor
+from conveyor._core.policy import reconnect_delay_ms
+from conveyor.cli import CliError, _sigterm_as_interrupt, main, redis_options
+from conveyor.cli._common import check_url, status_options
+from conveyor.cli._wait import ServerWatch, is_outage
+
+log = logging.getLogger("conveyor.cli")
+
+#: seconds between checks of a server that answers
+_CHECK_EVERY_S = 5.0
 
 
 @main.command()
@@ -45,6 +62,9 @@ from conveyor.cli._common import status_options
     help="Collect every S seconds and serve the latest; 0: collect at each scrape.",
 )
 @status_options
+@click.option(
+    "--max-lag", metavar="N", type=click.IntRange(min=0), help="A lag above N is critical."
+)
 @redis_options()
 def exporter(
     port: int,
@@ -54,23 +74,28 @@ def exporter(
     interval: float,
     batch_size: int,
     idle_threshold_ms: int,
-    heartbeat_ms: int | None,
+    heartbeat_ms: int,
+    max_lag: int | None,
     url: str | None,
 ) -> None:
     """Serve Prometheus metrics of streams, their groups and consumers, until SIGTERM/Ctrl-C.
 
     \b
-    Per stream:   conveyor_up, conveyor_stream_length, conveyor_dead_letter_length,
-                  conveyor_health (0 healthy, 1 warning, 2 critical),
-                  conveyor_collect_duration_seconds
+    Per stream:   conveyor_up (1 read, 0 not), conveyor_stream_length,
+                  conveyor_dead_letter_length, conveyor_collect_duration_seconds,
+                  conveyor_health: the verdict of `conveyor monitor`, its exit code:
+                    0 OK, 1 WARNING, 2 CRITICAL,
+                    3 UNKNOWN (server unreachable, stream missing)
     Per group:    conveyor_group_lag, conveyor_group_pending, conveyor_group_consumers,
                   conveyor_group_oldest_pending_age_seconds,
                   conveyor_group_oldest_pending_idle_seconds
     Per consumer: conveyor_consumer_idle_seconds, conveyor_consumer_pending,
                   conveyor_consumer_heartbeat_age_seconds, conveyor_consumer_status
 
-    A stream that cannot be read (missing, server down) has conveyor_up 0 and no other
-    series; the exporter keeps serving. Needs: pip install 'conveyor[metrics]'.
+    A stream that cannot be read (missing, server down) has conveyor_up 0, conveyor_health 3
+    and no other series; the exporter keeps serving, and waits for a server that is not up
+    yet. The thresholds are those of `conveyor monitor`. Needs: pip install
+    'conveyor[metrics]'.
 
     \b
     Examples:
@@ -83,33 +108,53 @@ def exporter(
         require_prometheus()
     except ImportError as exc:
         raise CliError(str(exc)) from None
-    client = open_client(url)
+    check_url(url)
+    client = conveyor.connect(url)
     metrics = StreamMetrics(
         client,
         streams,
         group,
         interval_s=interval or None,
+        log_outages=False,  # the main thread says it, once per outage
         batch_size=batch_size,
         idle_time_ms_warning_threshold=idle_threshold_ms,
         heartbeat_ms=heartbeat_ms,
+        max_lag=max_lag,
     )
     try:
-        metrics.start()
         try:
             server = serve(metrics.registry, port, addr)
         except OSError as exc:
             raise CliError(f"cannot serve on {addr}:{port}: {exc.strerror or exc}") from None
-        click.echo(
-            f"serving metrics of {', '.join(streams)} at http://{addr}:{port}/metrics", err=True
-        )
+        log.info("serving metrics of %s at http://%s:%d/metrics", ", ".join(streams), addr, port)
         try:
             with _sigterm_as_interrupt():
-                while True:
-                    time.sleep(3600)
+                metrics.start()
+                _check_server(client, ServerWatch(url))
         except KeyboardInterrupt:
-            click.echo("stopped", err=True)
+            log.info("stopped")
         finally:
             server.shutdown()
     finally:
         metrics.stop()
         client.close()
+
+
+def _check_server(client: redis.Redis, watch: ServerWatch) -> None:
+    """PING the server for ever: with a capped backoff while it cannot be reached, every few
+    seconds while it answers. A refusal that waiting cannot fix (a wrong password) ends the
+    exporter."""
+    attempt = 0
+    while True:
+        try:
+            client.ping()
+        except RedisError as exc:
+            if not is_outage(exc):
+                raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
+            watch.lost(exc, "serving conveyor_up 0 until it answers")
+            attempt += 1
+            time.sleep(reconnect_delay_ms(attempt) / 1000)
+            continue
+        watch.back()
+        attempt = 0
+        time.sleep(_CHECK_EVERY_S)

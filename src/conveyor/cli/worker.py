@@ -5,6 +5,9 @@ With ``--concurrency N`` the command becomes a supervisor: it starts N worker pr
 ``conveyor run`` with one worker, in a process group of its own so a Ctrl-C at the terminal
 reaches only the supervisor), forwards SIGTERM/SIGINT to them, and stops the others when one
 fails. A worker whose supervisor vanished (SIGKILL) stops by itself, warmly.
+
+A server that is not up yet is waited for (see ``_wait``), before any worker starts; a signal
+meanwhile stops the command cleanly.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from types import FrameType
 from typing import Any
 
 import click
+import redis
 
 import conveyor
 from conveyor import AsyncConsumer, Consumer
-from conveyor.cli import CliError, main, open_client, redis_options
+from conveyor.cli import CliError, main, redis_options
 from conveyor.cli._common import group_option, stream_option
+from conveyor.cli._wait import wait_for_server
 
 log = logging.getLogger("conveyor.cli")
 
@@ -209,6 +214,9 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     clean stop. With --concurrency N the command supervises N worker processes: signals are
     forwarded to them, and if one fails the others are stopped and the exit code is 1.
 
+    A server that is not up yet is waited for, retrying with a backoff up to 5 s: one line
+    says the wait started, one that the server answered; SIGTERM/SIGINT meanwhile exits 0.
+
     \b
     Metrics (--metrics-port; one port per worker process), labelled stream, group, consumer:
       conveyor_worker_messages_{processed,acked,failed,retried,reclaimed,dead_lettered}_total
@@ -220,25 +228,28 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
       conveyor run tasks:handle -s orders -g billing --concurrency 4 --metrics-port 9100
     """
     concurrency: int = options["concurrency"]
-    if concurrency == 1:
-        _early_stop.install()
+    _early_stop.install()
     handler = load_handler(target, options["app_dir"])
     port: int | None = options["metrics_port"]
     if port is not None:
         _metrics_ready()
         if port + concurrency - 1 > 65535:
             raise CliError(f"--metrics-port {port} leaves no room for {concurrency} workers")
+    client = wait_for_server(options["url"], stopping=_early_stop.event)
+    if client is None:
+        log.info("stopped before the server answered")
+        return
     if concurrency > 1:
-        open_client(options["url"]).close()  # a bad URL is one error here, not N
-        verbose = ctx.find_root().params.get("verbose", 0)
-        ctx.exit(_supervise(target, options, verbose))
+        client.close()
+        root = ctx.find_root().params
+        ctx.exit(_supervise(target, options, root.get("verbose", 0), root.get("log_format")))
     if options["worker_of"] is not None:
         _stop_when_orphaned(options["worker_of"])
     if inspect.iscoroutinefunction(handler):
-        open_client(options["url"]).close()
+        client.close()
         asyncio.run(_run_async(target, handler, options))
     else:
-        _run_sync(target, handler, options)
+        _run_sync(client, target, handler, options)
 
 
 class _EarlyStop:
@@ -248,6 +259,8 @@ class _EarlyStop:
 
     def __init__(self) -> None:
         self.requested = False
+        #: set by the signal: ends a wait for the server
+        self.event = threading.Event()
         self.consumer: Consumer | AsyncConsumer | None = None
 
     def install(self) -> None:
@@ -256,6 +269,7 @@ class _EarlyStop:
 
     def __call__(self, _signum: int, _frame: FrameType | None) -> None:
         self.requested = True
+        self.event.set()
         if self.consumer is not None:
             self.consumer.stop()
 
@@ -283,24 +297,30 @@ def _started(consumer: Consumer | AsyncConsumer, target: str, options: dict[str,
     where = ""
     if options["metrics_port"] is not None:
         where = f", metrics at http://{options['metrics_addr']}:{options['metrics_port']}/metrics"
-    click.echo(
-        f"worker {consumer.name!r}: group {consumer.group!r} on {options['stream']}, "
-        f"handler {target}{where}",
-        err=True,
+    log.info(
+        "worker %r: group %r on %s, handler %s%s",
+        consumer.name,
+        consumer.group,
+        options["stream"],
+        target,
+        where,
     )
 
 
 def _stopped(consumer: Consumer | AsyncConsumer) -> None:
-    click.echo(
-        f"worker {consumer.name!r} stopped: delivered {consumer.delivered_count}, acked "
-        f"{consumer.acked_count}, failed {consumer.failed_count}, dead-lettered "
-        f"{consumer.dead_lettered_count}",
-        err=True,
+    log.info(
+        "worker %r stopped: delivered %d, acked %d, failed %d, dead-lettered %d",
+        consumer.name,
+        consumer.delivered_count,
+        consumer.acked_count,
+        consumer.failed_count,
+        consumer.dead_lettered_count,
     )
 
 
-def _run_sync(target: str, handler: Callable[..., Any], options: dict[str, Any]) -> None:
-    client = open_client(options["url"])
+def _run_sync(
+    client: redis.Redis, target: str, handler: Callable[..., Any], options: dict[str, Any]
+) -> None:
     server = None
     try:
         consumer = Consumer(
@@ -344,8 +364,13 @@ async def _run_async(target: str, handler: Callable[..., Any], options: dict[str
 # -- supervisor --------------------------------------------------------------------------------
 
 
-def _worker_argv(target: str, options: dict[str, Any], index: int, verbose: int) -> list[str]:
-    argv = [sys.executable, "-m", "conveyor", *(["-v"] * verbose), "run", target]
+def _worker_argv(
+    target: str, options: dict[str, Any], index: int, verbose: int, log_format: str | None
+) -> list[str]:
+    argv = [sys.executable, "-m", "conveyor", *(["-v"] * verbose)]
+    if log_format:
+        argv += ["--log-format", log_format]
+    argv += ["run", target]
     argv += ["--stream", options["stream"], "--group", options["group"]]
     for name in ("batch_size", "max_wait_ms", "max_deliveries", "claim_idle_ms"):
         argv += [f"--{name.replace('_', '-')}", str(options[name])]
@@ -361,7 +386,9 @@ def _worker_argv(target: str, options: dict[str, Any], index: int, verbose: int)
     return [*argv, "--worker-of", str(os.getpid())]
 
 
-def _supervise(target: str, options: dict[str, Any], verbose: int) -> int:
+def _supervise(
+    target: str, options: dict[str, Any], verbose: int, log_format: str | None = None
+) -> int:
     """Start the workers, forward signals to them, wait for all; returns the exit code."""
     env = dict(os.environ)
     if options["url"]:
@@ -383,9 +410,9 @@ def _supervise(target: str, options: dict[str, Any], verbose: int) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for index in range(1, options["concurrency"] + 1):
-            argv = _worker_argv(target, options, index, verbose)
+            argv = _worker_argv(target, options, index, verbose, log_format)
             workers.append(subprocess.Popen(argv, env=env, process_group=0))
-        click.echo(f"supervising {len(workers)} workers, pids {_pids(workers)}", err=True)
+        log.info("supervising %d workers, pids %s", len(workers), _pids(workers))
         failed_first: subprocess.Popen[bytes] | None = None
         while any(worker.poll() is None for worker in workers):
             failed = [w for w in workers if w.returncode not in (None, 0)]
@@ -409,7 +436,7 @@ def _supervise(target: str, options: dict[str, Any], verbose: int) -> int:
     if bad:
         codes = ", ".join(f"pid {w.pid} exited with code {w.returncode}" for w in bad)
         raise CliError(f"{len(bad)} of {len(workers)} workers failed: {codes}")
-    click.echo(f"all {len(workers)} workers stopped cleanly", err=True)
+    log.info("all %d workers stopped cleanly", len(workers))
     return 0
 
 

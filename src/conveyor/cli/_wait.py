@@ -1,0 +1,116 @@
+"""Long-running commands (``run``, ``exporter``, ``monitor --watch``) outlast server outages:
+started before their server is up, they wait for it, with a capped backoff, saying so once
+when the wait starts and once when the server answers. A signal stops the wait.
+
+Errors that waiting cannot fix (a URL that cannot be parsed, a wrong password, a database the
+server does not have) end the command at once, as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import redis
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    RedisError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+import conveyor
+from conveyor._core.policy import reconnect_delay_ms
+from conveyor.cli import CliError, _one_line
+from conveyor.cli._common import check_url
+from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
+from conveyor.errors import ConnectionLost
+
+__all__ = ["ServerWatch", "is_outage", "shown_url", "wait_for_server"]
+
+log = logging.getLogger("conveyor.cli")
+
+
+def _effective(url: str | None) -> str:
+    return url or os.environ.get("REDIS_URL") or DEFAULT_URL
+
+
+def shown_url(url: str | None) -> str:
+    """The URL a command uses, fit for a log line (no password)."""
+    return redact_url(_effective(url))
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The server cannot be reached now but may be later: refused, reset, timed out, still
+    loading its data. A refused password or database is not an outage.
+
+    >>> is_outage(RedisConnectionError("Error 111 connecting")), is_outage(AuthenticationError())
+    (True, False)
+    """
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return False
+    if isinstance(exc, RedisConnectionError) and "Invalid Database" in str(exc):
+        return False
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionLost | OSError)
+
+
+class ServerWatch:
+    """Says once that a server cannot be reached, and once that it answers again: one line per
+    outage, however many attempts it takes."""
+
+    def __init__(self, url: str | None) -> None:
+        self.where = shown_url(url)
+        self.secrets = secrets_in_url(_effective(url))
+        self.down = False
+
+    def text(self, exc: BaseException) -> str:
+        """``exc`` as one line, without any secret of the URL."""
+        return _one_line(exc, self.secrets)
+
+    def lost(self, exc: BaseException, doing: str = "waiting for it") -> None:
+        if not self.down:
+            self.down = True
+            log.warning("cannot reach the server at %s (%s): %s", self.where, self.text(exc), doing)
+
+    def back(self) -> None:
+        if self.down:
+            self.down = False
+            log.info("connected to the server at %s", self.where)
+
+
+def wait_for_server(
+    url: str | None, *, stopping: threading.Event | None = None
+) -> redis.Redis | None:
+    """A client for ``url`` that has answered PING, once the server answers; None when
+    ``stopping`` was set first. Between attempts it waits 0.1 s, doubling to 5 s.
+
+    >>> client = wait_for_server("redis://localhost:6379/0")   # doctest: +SKIP
+    """
+    check_url(url)
+    client = conveyor.connect(url)
+    watch = ServerWatch(url)
+    sleep: Callable[[float], object] = (stopping or threading.Event()).wait
+    attempt = 0
+    while stopping is None or not stopping.is_set():
+        try:
+            client.ping()
+        except RedisError as exc:
+            if not is_outage(exc):
+                client.close()
+                raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
+            log.debug("PING failed", exc_info=True)
+            watch.lost(exc)
+            attempt += 1
+            sleep(reconnect_delay_ms(attempt) / 1000)
+            continue
+        watch.back()
+        return client
+    client.close()
+    return None
