@@ -219,19 +219,55 @@ def test_consume_prints_json_lines_and_acks(redis_url: str, r: redis.Redis, name
     assert group_row(r, stream, "g")["pending"] == 0
 
 
-def test_consume_no_ack_leaves_them_pending(redis_url: str, r: redis.Redis, name: Name) -> None:
+def test_consume_no_ack_only_looks_and_leaves_no_consumer(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
     stream = name("orders")
-    for i in range(5):
-        r.xadd(stream, {"n": i})
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(5)]
+    r.xgroup_create(stream, "g", "0")
+    r.xreadgroup("g", "worker", {stream: ">"}, count=2)  # delivered: not shown
 
-    args = ("consume", "-s", stream, "-g", "g", "-c", "peek", "--no-ack", "--count", "3")
-    result = cli(*args, url=redis_url)
+    first = cli("consume", "-s", stream, "-g", "g", "--no-ack", "--count", "2", url=redis_url)
+    again = cli(
+        "consume", "-s", stream, "-g", "g", "--no-ack", "--max-wait-ms", "50", url=redis_url
+    )
 
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 3
-    summary: Any = r.xpending(stream, "g")
-    assert summary["pending"] >= 3
-    assert {c["name"] for c in summary["consumers"]} == {b"peek"}
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [(row["id"], row["deliveries"]) for row in rows] == [(ids[2], 0), (ids[3], 0)]
+    assert "only looked: nothing changed" in first.stderr
+    assert [json.loads(line)["id"] for line in again.stdout.splitlines()] == ids[2:]
+    # nothing changed: no new consumer (none to turn DEAD later), nothing pending, no move
+    assert [c["name"] for c in r.xinfo_consumers(stream, "g")] == [b"worker"]
+    assert group_row(r, stream, "g")["pending"] == 2
+    assert group_row(r, stream, "g")["last-delivered-id"].decode() == ids[1]
+    health = cli("monitor", "-s", stream, "-g", "g", url=redis_url)
+    assert "DEAD" not in health.stdout + health.stderr
+
+
+def test_consume_no_ack_with_a_consumer_is_one_error_line(redis_url: str, name: Name) -> None:
+    result = cli("consume", "-s", name("orders"), "-g", "g", "--no-ack", "-c", "x", url=redis_url)
+
+    assert_clean_error(result)
+    assert "--no-ack" in result.stderr and "--consumer" in result.stderr
+
+
+def test_consume_a_missing_stream_is_refused_unless_create(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    stream = name("typo")
+
+    refused = cli("consume", "-s", stream, "-g", "g", url=redis_url)
+    peek = cli("consume", "-s", stream, "-g", "g", "--no-ack", url=redis_url)
+    created = cli(
+        "consume", "-s", stream, "-g", "g", "--create", "--max-wait-ms", "10", url=redis_url
+    )
+
+    assert_clean_error(refused)
+    assert f"stream {stream!r} does not exist (--create creates it)" in refused.stderr
+    assert_clean_error(peek)
+    assert created.returncode == 0, created.stderr
+    assert group_row(r, stream, "g")["consumers"] == 0  # it left: it held nothing
 
 
 def test_consume_follow_stops_cleanly_on_sigterm(

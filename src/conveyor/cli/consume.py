@@ -1,4 +1,5 @@
-"""``conveyor consume``: read a group's messages as JSON lines, and acknowledge them."""
+"""``conveyor consume``: read a group's messages as JSON lines, and acknowledge them; or, with
+``--no-ack``, look at what the group has not been delivered yet without changing anything."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -16,8 +18,16 @@ import click
 import redis
 
 from conveyor import Consumer, Message
-from conveyor.cli import EXIT_INTERRUPTED, main, redis_options
-from conveyor.cli._common import client_for, group_option, quiet_broken_pipe, stream_option
+from conveyor._core.commands import as_text
+from conveyor.cli import EXIT_INTERRUPTED, CliError, main, redis_options
+from conveyor.cli._common import (
+    client_for,
+    group_info,
+    group_option,
+    json_option,
+    quiet_broken_pipe,
+    stream_option,
+)
 from conveyor.consumer import default_consumer_name
 
 log = logging.getLogger("conveyor.cli")
@@ -38,8 +48,7 @@ class _Reader:
 
     A consumer's batch size is fixed, so for a last batch smaller than it, the consumer is
     closed (after its acks it owns nothing) and opened again, under the same name, with the
-    smaller size. Without acks that would re-read what was printed: then the last batch is
-    cut instead, and what was cut stays pending, like everything else read with --no-ack.
+    smaller size.
     """
 
     def __init__(self, client: redis.Redis, stream: str, group: str, **options: Any) -> None:
@@ -47,20 +56,56 @@ class _Reader:
         self._options = options
         self.consumer = Consumer(*self._args, **options)
 
-    def read(self, want: int | None, *, acking: bool) -> list[Message]:
-        size = self.consumer.config.batch_size
-        if want is not None and want < size and acking:
+    def read(self, want: int | None) -> list[Message]:
+        if want is not None and want < self.consumer.config.batch_size:
             self.consumer.close()
             self._options["batch_size"] = want
             self.consumer = Consumer(*self._args, **self._options)
-        batch = list(self.consumer.get_batch())
-        if want is not None and len(batch) > want:
-            log.info("%d messages beyond --count stay pending, unprinted", len(batch) - want)
-            batch = batch[:want]
-        return batch
+        return list(self.consumer.get_batch())
+
+    def ack_many(self, batch: list[Message]) -> int:
+        return self.consumer.ack_many(batch)
 
     def close(self) -> None:
         self.consumer.close()
+
+
+#: longest a single blocking XREAD of --no-ack waits, under the client's socket timeout
+_PEEK_BLOCK_MS = 5_000
+
+
+class _Peek:
+    """What a group has not been delivered yet, read with XREAD after its last delivered id:
+    no consumer is made, no entry becomes pending, no delivery is counted, the group does not
+    move. Each message comes with ``deliveries`` 0."""
+
+    def __init__(self, client: redis.Redis, stream: str, group: str, max_wait_ms: int) -> None:
+        self.client, self.stream = client, stream
+        self.after = str(group_info(client, stream, group)["last-delivered-id"])
+        self.max_wait_ms = max_wait_ms
+
+    def read(self, want: int, stop: threading.Event) -> list[Message]:
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while not stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return []
+            reply: Any = self.client.xread(
+                {self.stream: self.after}, count=want, block=min(left_ms, _PEEK_BLOCK_MS)
+            )
+            rows = [
+                Message(self.stream, as_text(entry_id), _text_fields(fields), 0)
+                for _, entries in reply or ()
+                for entry_id, fields in entries
+            ]
+            if rows:
+                self.after = rows[-1].id
+                return rows
+        return []
+
+
+def _text_fields(fields: Any) -> dict[str, str]:
+    return {as_text(key): as_text(value) for key, value in fields.items()}
 
 
 @contextmanager
@@ -116,8 +161,8 @@ def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
 @click.option(
     "--no-ack",
     is_flag=True,
-    help="Do not acknowledge: the messages stay pending for this consumer (and are "
-    "reclaimed by others later).",
+    help="Only look: print what the group has not been delivered yet (after its last "
+    "delivered id) without joining it; nothing becomes pending, no delivery is counted.",
 )
 @click.option(
     "-f",
@@ -125,6 +170,12 @@ def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
     is_flag=True,
     help="Keep reading when the stream is drained, until Ctrl-C or SIGTERM (then exit 0).",
 )
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Create the stream if it does not exist (without it, a missing stream is an error).",
+)
+@json_option
 @redis_options()
 def consume(
     stream: str,
@@ -135,26 +186,53 @@ def consume(
     max_wait_ms: int,
     no_ack: bool,
     follow: bool,
+    create: bool,
+    as_json: bool,
     url: str | None,
 ) -> None:
     """Read messages as a consumer of a group and print each as a JSON line.
 
-    Each line has stream, id, deliveries and fields. A message is acknowledged after it is
-    printed (unless --no-ack). The group is created (at the start of the stream) if missing.
-    Stops after --count messages, or when a read comes back empty, or with --follow only on
-    Ctrl-C/SIGTERM: the read in hand is printed and acknowledged first; a second signal stops
-    at once. A summary goes to stderr.
+    Each line has stream, id, deliveries and fields (--json changes nothing: the output is
+    always JSON lines). A message is acknowledged after it is printed; when done, the
+    consumer leaves the group if it holds nothing. The group is created (at the start of the
+    stream) if missing; the stream only with --create. Stops after --count messages, or when
+    a read comes back empty, or with --follow only on Ctrl-C/SIGTERM: the read in hand is
+    printed and acknowledged first; a second signal stops at once. A summary goes to stderr.
+
+    --no-ack only looks: it prints the entries the group has not been delivered yet, with
+    deliveries 0, and changes nothing in Redis (no consumer that would linger and later look
+    DEAD, no pending entry, no delivery counted towards the dead-letter limit).
 
     \b
     Examples:
       conveyor consume --stream orders --group billing --count 10
-      conveyor consume -s orders -g audit --no-ack --consumer inspector | jq .fields
+      conveyor consume -s orders -g audit --no-ack --count 5 | jq .fields
       conveyor consume -s orders -g billing --follow --max-wait-ms 5000
     """
-    name = consumer or default_consumer_name()
+    if no_ack and consumer:
+        raise CliError(
+            "--no-ack reads without joining the group, so --consumer does not go with it "
+            "(`conveyor pending --consumer NAME` lists what a consumer holds)"
+        )
     stop = threading.Event()
-    printed = acked = 0
     with client_for(url) as client:
+        if not create and not client.exists(stream):
+            raise CliError(f"stream {stream!r} does not exist (--create creates it)")
+        if no_ack:
+            peek = _Peek(client, stream, group, max_wait_ms)
+            printed, _ = _drain(
+                lambda want: peek.read(min(batch_size, want or batch_size), stop),
+                stop,
+                count=count,
+                follow=follow,
+            )
+            click.echo(
+                f"{printed} messages of {stream} not yet delivered to group {group!r} "
+                "(only looked: nothing changed)",
+                err=True,
+            )
+            return
+        name = consumer or default_consumer_name()
         reader = _Reader(
             client,
             stream,
@@ -164,26 +242,43 @@ def consume(
             max_wait_ms=max_wait_ms,
         )
         try:
-            with _stop_on_signal(stop), quiet_broken_pipe():
-                while not stop.is_set() and (count is None or printed < count):
-                    want = None if count is None else count - printed
-                    batch = reader.read(want, acking=not no_ack)
-                    if not batch:
-                        if follow:
-                            continue
-                        break
-                    click.echo("\n".join(message_line(msg) for msg in batch))
-                    sys.stdout.flush()
-                    printed += len(batch)
-                    if not no_ack:
-                        acked += reader.consumer.ack_many(batch)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: {printed} messages printed, {acked} acked", err=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            printed, acked = _drain(
+                reader.read, stop, count=count, follow=follow, settle=reader.ack_many
+            )
         finally:
             reader.close()
-    how = "left pending (--no-ack)" if no_ack else f"{acked} acked"
     click.echo(
-        f"{printed} messages from {stream} as consumer {name!r} of group {group!r}, {how}",
+        f"{printed} messages from {stream} as consumer {name!r} of group {group!r}, {acked} acked",
         err=True,
     )
+
+
+def _drain(
+    read: Callable[[int | None], list[Message]],
+    stop: threading.Event,
+    *,
+    count: int | None,
+    follow: bool,
+    settle: Callable[[list[Message]], int] | None = None,
+) -> tuple[int, int]:
+    """Print what ``read(want)`` returns until --count, an empty read (unless --follow) or a
+    signal; ``settle`` acknowledges each batch once printed. Returns (printed, acked)."""
+    printed = acked = 0
+    try:
+        with _stop_on_signal(stop), quiet_broken_pipe():
+            while not stop.is_set() and (count is None or printed < count):
+                batch = read(None if count is None else count - printed)
+                if not batch:
+                    if follow:
+                        continue
+                    break
+                click.echo("\n".join(message_line(msg) for msg in batch))
+                sys.stdout.flush()
+                printed += len(batch)
+                if settle is not None:
+                    acked += settle(batch)
+    except KeyboardInterrupt:
+        how = f", {acked} acked" if settle is not None else " (only looked)"
+        click.echo(f"interrupted: {printed} messages printed{how}", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    return printed, acked
