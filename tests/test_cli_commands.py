@@ -24,7 +24,7 @@ import pytest
 import redis
 
 import conveyor
-from conveyor._keys import heartbeat_key
+from conveyor._keys import dead_letter_key, heartbeat_key
 from tests.test_cli import TIMEOUT_S, Running, _env, assert_clean_error
 
 Name = Callable[[str], str]
@@ -504,14 +504,22 @@ def test_groups_create_setid_ls_destroy(redis_url: str, r: redis.Redis, name: Na
     assert r.xinfo_groups(stream) == []
 
 
-def test_groups_create_twice_is_one_error_line(redis_url: str, name: Name) -> None:
+def test_groups_create_twice_says_it_exists_and_exits_0(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
     stream = name("orders")
-    cli("groups", "create", "-s", stream, "-g", "g", "--mkstream", url=redis_url)
+    first = cli("groups", "create", "-s", stream, "-g", "g", "--mkstream", url=redis_url)
+    r.xadd(stream, {"n": 1})
+    r.xreadgroup("g", "w", {stream: ">"})
 
-    again = cli("groups", "create", "-s", stream, "-g", "g", url=redis_url)
+    again = cli("groups", "create", "-s", stream, "-g", "g", "--id", "$", url=redis_url)
+    as_json = cli("groups", "create", "-s", stream, "-g", "g", "--json", url=redis_url)
 
-    assert_clean_error(again)
-    assert "already exists" in again.stderr
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert "already exists" in again.stdout and "left as it is" in again.stdout
+    assert json.loads(as_json.stdout)["created"] is False
+    assert group_row(r, stream, "g")["pending"] == 1  # untouched
 
 
 # -- monitor -------------------------------------------------------------------------------------
@@ -937,3 +945,162 @@ def test_monitor_watch_shows_unknown_until_the_server_is_up(
     assert returncode == 0, output
     assert len(lines_with(output, "cannot reach the server")) == 1
     assert len(lines_with(output, "connected to the server")) == 1
+
+
+# -- papercuts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("db", ["abc", "1.5", "99999"])
+@pytest.mark.parametrize("command", [("groups", "ls", "-s", "x"), ("monitor", "-s", "x")])
+def test_a_bad_database_in_the_url_is_one_error_line(
+    redis_url: str, db: str, command: tuple[str, ...]
+) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/" + db
+
+    result = cli(*command, "--url", url)
+
+    assert_clean_error(result)
+    assert result.returncode in (1, 3)  # 3: monitor's UNKNOWN
+    assert db in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "whole", "says"),
+    [
+        ('{"price": NaN}', False, "field 'price' is nan"),
+        ('{"price": Infinity}', False, "field 'price' is inf"),
+        ('{"price": 1e999}', False, "field 'price' is inf"),
+        ('{"items": [1, {"x": -Infinity}]}', True, "payload['items'][1]['x'] is -inf"),
+        ("NaN", True, "payload is nan"),
+    ],
+)
+def test_produce_refuses_nan_and_infinity(
+    redis_url: str, r: redis.Redis, name: Name, line: str, whole: bool, says: str
+) -> None:
+    stream = name("orders")
+    args = ("produce", "-s", stream, *(["--json-payload"] if whole else []))
+
+    result = cli(*args, stdin='{"ok": 1}\n' + line + "\n", url=redis_url)
+
+    assert_clean_error(result)
+    assert f"line 2: {says}" in result.stderr and "not a JSON number" in result.stderr
+    assert r.xlen(stream) == 1  # the line before it was added
+
+
+def _json_cases() -> list[tuple[str, tuple[str, ...], set[str], tuple[int, ...]]]:
+    pending_row = {"id", "consumer", "idle_ms", "deliveries"}
+    group_row_keys = {"stream", "group", "consumers", "pending", "last_delivered_id", "lag"}
+    return [
+        ("produce", ("produce", "-s", "{s}", "a=1"), {"stream", "id"}, (0,)),
+        ("consume", ("consume", "-s", "{s}", "-g", "j", "--count", "2"), {"stream", "id"}, (0,)),
+        ("pending", ("pending", "-s", "{s}", "-g", "g", "--count", "3"), pending_row, (0,)),
+        (
+            "claim",
+            ("claim", "-s", "{s}", "-g", "g", "--to", "c", "--min-idle-ms", "0", "--dry-run"),
+            {"stream", "group", "to", "dry_run", "entries", "left_alone"},
+            (0,),
+        ),
+        ("groups ls", ("groups", "ls", "-s", "{s}"), group_row_keys, (0,)),
+        (
+            "groups create",
+            ("groups", "create", "-s", "{s}", "-g", "new"),
+            {"stream", "group", "created", "last_delivered_id"},
+            (0,),
+        ),
+        (
+            "groups setid",
+            ("groups", "setid", "-s", "{s}", "-g", "g", "--id", "0"),
+            group_row_keys,
+            (0,),
+        ),
+        (
+            "groups destroy",
+            ("groups", "destroy", "-s", "{s}", "-g", "g", "--yes"),
+            {"stream", "group", "destroyed", "consumers", "pending"},
+            (0,),
+        ),
+        ("dlq ls", ("dlq", "ls", "-s", "{s}"), {"id", "origin_stream", "error", "fields"}, (0,)),
+        (
+            "dlq replay",
+            ("dlq", "replay", "-s", "{s}", "--dry-run"),
+            {"dead_letter", "dry_run", "matched", "replayed"},
+            (0,),
+        ),
+        ("dlq purge", ("dlq", "purge", "-s", "{s}", "--dry-run"), {"dead_letter", "purged"}, (0,)),
+        (
+            "scale",
+            ("scale", "-s", "{s}", "-g", "g"),
+            {"stream", "group", "suggestion", "lag"},
+            (0,),
+        ),
+        (
+            "trim --safe",
+            ("trim", "-s", "{s}", "--safe", "--dry-run"),
+            {"stream", "trimmed", "minid", "dry_run"},
+            (0,),
+        ),
+        (
+            "trim --maxlen",
+            ("trim", "-s", "{s}", "--maxlen", "10", "--dry-run"),
+            {"stream", "cut", "losses", "dry_run"},
+            (0,),
+        ),
+        (
+            "monitor",
+            ("monitor", "-s", "{s}"),
+            {"version", "stream", "groups", "thresholds", "health"},
+            (0, 1, 2),
+        ),
+        (
+            "monitor --cleanup",
+            ("monitor", "-s", "{s}", "--cleanup"),
+            {"stream", "moved", "removed", "left_for_reclaim", "dropped", "revived"},
+            (0,),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "keys", "codes"), [c[1:] for c in _json_cases()], ids=[c[0] for c in _json_cases()]
+)
+def test_json_on_every_command_that_prints_data(
+    redis_url: str,
+    r: redis.Redis,
+    seeded: tuple[str, str],
+    args: tuple[str, ...],
+    keys: set[str],
+    codes: tuple[int, ...],
+) -> None:
+    stream, _ = seeded
+    r.xadd(dead_letter_key(stream), {"n": "dead"})
+
+    result = cli(*(a.replace("{s}", stream) for a in args), "--json", url=redis_url)
+
+    assert result.returncode in codes, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows, f"{args} printed nothing"
+    for row in rows:
+        assert isinstance(row, dict) and keys <= row.keys(), row
+
+
+def all_commands() -> list[tuple[str, ...]]:
+    from conveyor.cli import main
+
+    found: list[tuple[str, ...]] = [()]
+
+    def walk(group: Any, path: tuple[str, ...]) -> None:
+        for command_name, command in group.commands.items():
+            found.append((*path, command_name))
+            if hasattr(command, "commands"):
+                walk(command, (*path, command_name))
+
+    walk(main, ())
+    return found
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=lambda c: " ".join(c) or "conveyor")
+def test_no_help_text_talks_of_a_seed(command: tuple[str, ...]) -> None:
+    result = cli(*command, "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert "seed" not in result.stdout.lower()

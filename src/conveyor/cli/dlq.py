@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
-import redis
 from rich.console import Console, JustifyMethod
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -18,10 +16,9 @@ from conveyor.cli import (
     CliError,
     _sigterm_as_interrupt,
     main,
-    open_client,
     redis_options,
 )
-from conveyor.cli._common import confirm
+from conveyor.cli._common import client_for, confirm, echo_json, json_option
 from conveyor.deadletter import DeadLetter, DeadLetters, OnProgress, Where, matching
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,11 +88,8 @@ def _where(
 
 @contextmanager
 def _dead_letters(url: str | None, stream: str, dead_letter: str | None) -> Iterator[DeadLetters]:
-    client: redis.Redis = open_client(url)
-    try:
+    with client_for(url) as client:
         yield DeadLetters(client, stream, dead_letter=dead_letter)
-    finally:
-        client.close()
 
 
 def _with_progress(label: str, interrupted: str, work: Callable[[OnProgress], T]) -> T:
@@ -162,7 +156,7 @@ def dlq() -> None:
     help="Show at most N entries, oldest first.",
 )
 @click.option("--after", metavar="ID", help="Start after this dead-letter entry id (paging).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@json_option
 def ls(
     stream: str,
     dead_letter: str | None,
@@ -177,7 +171,7 @@ def ls(
         total = dead.count()
     if as_json:
         for letter in letters:
-            click.echo(json.dumps(letter.to_dict()))
+            echo_json(letter.to_dict())
         return
     heading = f"{dead.dead_letter}: {_entries(total)}"
     if len(letters) < total:
@@ -217,6 +211,7 @@ def ls(
 @_dead_letter_options
 @_change_options
 @click.option("--limit", metavar="N", type=click.IntRange(min=1), help="Replay at most N entries.")
+@json_option
 def replay(
     stream: str,
     dead_letter: str | None,
@@ -228,6 +223,7 @@ def replay(
     dry_run: bool,
     yes: bool,
     limit: int | None,
+    as_json: bool,
 ) -> None:
     """Put dead letters back on their origin streams, oldest first, and delete them here.
 
@@ -253,15 +249,30 @@ def replay(
                 where=where, dry_run=dry_run, limit=limit, on_progress=advance
             ),
         )
+    if as_json:
+        echo_json(
+            {
+                "dead_letter": dead.dead_letter,
+                "dry_run": dry_run,
+                "scanned": result.scanned,
+                "matched": result.matched,
+                "replayed": result.replayed,
+                "skipped": result.skipped,
+                "failed": result.failed,
+                "new_ids": list(result.new_ids),
+            }
+        )
     verb = "dry run: would replay" if dry_run else "replayed"
     notes = ""
     if result.skipped:
         notes += f", {result.skipped} skipped without provenance"
     if result.failed:
         notes += f", {result.failed} failed"
-    click.echo(
-        f"{verb} {result.replayed} of {result.matched} matching (scanned {result.scanned}){notes}"
-    )
+    if not as_json:
+        click.echo(
+            f"{verb} {result.replayed} of {result.matched} matching (scanned {result.scanned})"
+            + notes
+        )
     if result.failed:
         raise CliError(
             f"{result.failed} entries could not be added to their origin stream (see the "
@@ -272,6 +283,7 @@ def replay(
 @dlq.command()
 @_dead_letter_options
 @_change_options
+@json_option
 def purge(
     stream: str,
     dead_letter: str | None,
@@ -282,6 +294,7 @@ def purge(
     before_ms: int | None,
     dry_run: bool,
     yes: bool,
+    as_json: bool,
 ) -> None:
     """Delete dead letters for good: the matching ones, or all of them without a filter.
 
@@ -302,7 +315,9 @@ def purge(
             "the purge stopped partway",
             lambda advance: dead.purge(where=where, dry_run=dry_run, on_progress=advance),
         )
-    if dry_run:
+    if as_json:
+        echo_json({"dead_letter": dead.dead_letter, "dry_run": dry_run, "purged": purged})
+    elif dry_run:
         click.echo(f"dry run: would purge {_entries(purged)} from {dead.dead_letter}")
     else:
         click.echo(f"purged {_entries(purged)} from {dead.dead_letter}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from redis.exceptions import ResponseError
 from rich.table import Table
@@ -12,10 +14,13 @@ from conveyor.cli import CliError, main, redis_options
 from conveyor.cli._common import (
     client_for,
     confirm,
+    echo_json,
     group_info,
     group_option,
     groups_of,
+    json_option,
     print_table,
+    quiet_broken_pipe,
     stream_option,
 )
 from conveyor.config import is_stream_id
@@ -42,14 +47,27 @@ def groups() -> None:
     """
 
 
+def group_dict(stream: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A group as --json prints it (lag null when the server cannot tell)."""
+    return {
+        "stream": stream,
+        "group": row["name"],
+        "consumers": int(row["consumers"]),
+        "pending": int(row["pending"]),
+        "last_delivered_id": row["last-delivered-id"],
+        "lag": row.get("lag"),
+    }
+
+
 @groups.command("ls")
 @stream_option
+@json_option
 @redis_options()
-def ls(stream: str, url: str | None) -> None:
+def ls(stream: str, as_json: bool, url: str | None) -> None:
     """List the groups of a stream: consumers, pending, last delivered id, lag.
 
     Lag is how many entries the group has not been delivered yet (Redis 7+; "?" when the
-    server cannot tell, e.g. after deletions).
+    server cannot tell, e.g. after deletions). --json: one object per group and line.
 
     \b
     Example:
@@ -57,6 +75,11 @@ def ls(stream: str, url: str | None) -> None:
     """
     with client_for(url) as client:
         rows = groups_of(client, stream)
+    if as_json:
+        with quiet_broken_pipe():
+            for row in rows:
+                echo_json(group_dict(stream, row))
+        return
     if not rows:
         click.echo(f"{stream}: no groups")
         return
@@ -88,9 +111,16 @@ def ls(stream: str, url: str | None) -> None:
     help=_ID_HELP + "or an entry id (delivery starts after it).",
 )
 @click.option("--mkstream", is_flag=True, help="Create the stream if it does not exist.")
+@json_option
 @redis_options()
-def create(stream: str, group: str, start: str, mkstream: bool, url: str | None) -> None:
+def create(
+    stream: str, group: str, start: str, mkstream: bool, as_json: bool, url: str | None
+) -> None:
     """Create a consumer group (consumers also create theirs, at 0, when it is missing).
+
+    A group that exists already is left as it is (exit code 0, saying so): running the
+    command twice, as deployment scripts do, is safe. --json: {"stream", "group", "created",
+    "last_delivered_id"}.
 
     \b
     Examples:
@@ -98,26 +128,36 @@ def create(stream: str, group: str, start: str, mkstream: bool, url: str | None)
       conveyor groups create --stream orders --group audit --id '$' --mkstream
     """
     _check_id(start)
+    created = True
     with client_for(url) as client:
         try:
             client.xgroup_create(stream, group, start, mkstream=mkstream)
         except ResponseError as exc:
-            if error_code(exc) == "BUSYGROUP":
-                raise CliError(f"group {group!r} already exists on {stream!r}") from None
-            if "MKSTREAM" in str(exc):
-                raise CliError(
-                    f"stream {stream!r} does not exist; pass --mkstream to create it"
-                ) from None
-            raise
-    click.echo(f"created group {group!r} on {stream} at {start}")
+            if error_code(exc) != "BUSYGROUP":
+                if "MKSTREAM" in str(exc):
+                    raise CliError(
+                        f"stream {stream!r} does not exist; pass --mkstream to create it"
+                    ) from None
+                raise
+            created = False
+        last = group_info(client, stream, group)["last-delivered-id"]
+    if as_json:
+        echo_json({"stream": stream, "group": group, "created": created, "last_delivered_id": last})
+    elif created:
+        click.echo(f"created group {group!r} on {stream} at {start}")
+    else:
+        click.echo(
+            f"group {group!r} already exists on {stream} (it reads after {last}); left as it is"
+        )
 
 
 @groups.command()
 @stream_option
 @group_option
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
 @redis_options()
-def destroy(stream: str, group: str, yes: bool, url: str | None) -> None:
+def destroy(stream: str, group: str, yes: bool, as_json: bool, url: str | None) -> None:
     """Destroy a consumer group, its consumers and its pending list (and its heartbeats).
 
     The entries stay in the stream; what the group had read and not acknowledged is no
@@ -142,6 +182,18 @@ def destroy(stream: str, group: str, yes: bool, url: str | None) -> None:
         destroyed, _ = pipe.execute()
     if not destroyed:
         raise CliError(f"group {group!r} on {stream!r} was already gone")
+    if as_json:
+        consumers, held = int(info["consumers"]), int(info["pending"])
+        echo_json(
+            {
+                "stream": stream,
+                "group": group,
+                "destroyed": True,
+                "consumers": consumers,
+                "pending": held,
+            }
+        )
+        return
     click.echo(
         f"destroyed group {group!r} on {stream}: dropped its {info['consumers']} consumers and "
         f"{_pending(int(info['pending']))}"
@@ -159,8 +211,9 @@ def destroy(stream: str, group: str, yes: bool, url: str | None) -> None:
     help=_ID_HELP + "or an entry id (the next delivery is the entry after it).",
 )
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
 @redis_options()
-def setid(stream: str, group: str, start: str, yes: bool, url: str | None) -> None:
+def setid(stream: str, group: str, start: str, yes: bool, as_json: bool, url: str | None) -> None:
     """Move where a group reads next (XGROUP SETID); pending entries are not touched.
 
     Moving back delivers entries again; moving forward skips the entries in between that
@@ -188,6 +241,9 @@ def setid(stream: str, group: str, start: str, yes: bool, url: str | None) -> No
         client.xgroup_setid(stream, group, start)
         after = group_info(client, stream, group)
     lag_after = after.get("lag")
+    if as_json:
+        echo_json(group_dict(stream, after))
+        return
     shown = "" if lag_after is None else f" (undelivered now: {lag_after})"
     click.echo(f"group {group!r} on {stream} now reads after {after['last-delivered-id']}{shown}")
 

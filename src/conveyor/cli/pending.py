@@ -3,7 +3,6 @@ from one consumer to another."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +15,12 @@ from conveyor._core.commands import as_text
 from conveyor.cli import main, redis_options
 from conveyor.cli._common import (
     client_for,
+    echo_json,
     entries,
     group_info,
     group_option,
     idle_text,
+    json_option,
     print_table,
     quiet_broken_pipe,
     stream_option,
@@ -109,7 +110,7 @@ def _table(rows: list[Pending]) -> Table:
     default=0,
     help="Only entries idle at least this long (not delivered or claimed for MS).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@json_option
 @redis_options()
 def pending(
     stream: str,
@@ -140,7 +141,7 @@ def pending(
     with quiet_broken_pipe():
         if as_json:
             for row in rows:
-                click.echo(json.dumps(row.to_dict()))
+                echo_json(row.to_dict())
             return
         holders = ", ".join(
             f"{as_text(c['name'])} {c['pending']}" for c in summary.get("consumers") or ()
@@ -215,6 +216,7 @@ def _candidates(
     help="Move at most N entries, oldest first.",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be moved, move nothing.")
+@json_option
 @redis_options()
 def claim(
     stream: str,
@@ -224,6 +226,7 @@ def claim(
     min_idle_ms: int,
     count: int,
     dry_run: bool,
+    as_json: bool,
     url: str | None,
 ) -> None:
     """Move pending entries to another consumer (XCLAIM); nothing is ever deleted.
@@ -254,12 +257,24 @@ def claim(
             ids: list[Any] = [row.id for row in rows[first : first + _PAGE]]
             reply: Any = client.xclaim(stream, group, to, min_idle_ms, ids, justid=True)
             moved.update(as_text(x) for x in reply)
+    taken = rows if dry_run else [row for row in rows if row.id in moved]
+    if as_json:
+        echo_json(
+            {
+                "stream": stream,
+                "group": group,
+                "to": to,
+                "dry_run": dry_run,
+                "entries": [row.to_dict() for row in taken],
+                "left_alone": len(rows) - len(taken),
+            }
+        )
+        return
     if dry_run:
         click.echo(f"dry run: would move {entries(len(rows))} to {to!r}{_sources(rows)}")
         if rows:
             print_table(_table(rows))
         return
-    taken = [row for row in rows if row.id in moved]
     note = (
         f"; {len(rows) - len(taken)} left alone (no longer idle)" if len(taken) < len(rows) else ""
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
@@ -13,7 +14,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from conveyor import Producer
 from conveyor.cli import EXIT_INTERRUPTED, CliError, _sigterm_as_interrupt, main, redis_options
-from conveyor.cli._common import client_for, quiet_broken_pipe, stream_option
+from conveyor.cli._common import (
+    client_for,
+    echo_json,
+    json_option,
+    quiet_broken_pipe,
+    stream_option,
+)
+from conveyor.models import non_finite
 
 #: lines sent per pipelined round trip when reading stdin
 _CHUNK = 500
@@ -43,6 +51,10 @@ def parse_line(line: str, number: int, *, whole: bool) -> Any:
     except ValueError as exc:
         raise _BadLine(f"line {number} is not JSON: {exc}") from None
     if whole:
+        found = non_finite(value)
+        if found is not None:
+            where, bad = found
+            raise _BadLine(f"line {number}: {_no_such_number(f'payload{where}', bad)}")
         return value
     if not isinstance(value, dict):
         raise _BadLine(
@@ -57,7 +69,14 @@ def parse_line(line: str, number: int, *, whole: bool) -> Any:
                 f"line {number}: field {key!r} is a JSON {_kind(item)}; values must be strings "
                 "or numbers (use --json-payload to send each line whole as JSON)"
             )
+        if isinstance(item, float) and not math.isfinite(item):
+            raise _BadLine(f"line {number}: {_no_such_number(f'field {key!r}', item)}")
     return value
+
+
+def _no_such_number(what: str, value: float) -> str:
+    """Python reads NaN, Infinity and 1e999 from JSON text; JSON has no such numbers."""
+    return f"{what} is {value}, which is not a JSON number (NaN and Infinity are refused)"
 
 
 def _kind(value: Any) -> str:
@@ -108,6 +127,7 @@ def _read_rows(lines: Iterable[str], whole: bool) -> Iterator[list[Any]]:
     "msg.payload), instead of the fields of a flat object.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print how many were added, not their ids.")
+@json_option
 @redis_options()
 def produce(
     stream: str,
@@ -115,14 +135,17 @@ def produce(
     maxlen: int | None,
     json_payload: bool,
     quiet: bool,
+    as_json: bool,
     url: str | None,
 ) -> None:
-    """Add messages to a stream and print their ids, one a line.
+    """Add messages to a stream and print their ids, one a line (--json: {"stream", "id"}
+    per line; with --quiet, {"stream", "added"}).
 
     With FIELD=VALUE arguments, one message with those fields. Without them, one message per
     line of stdin, each line a JSON object whose values are strings or numbers (nested values
-    are an error naming the line; --json-payload sends each line whole instead). Blank lines
-    are skipped. A bad line stops the command: the lines before it were added, none after.
+    are an error naming the line; --json-payload sends each line whole instead). NaN and
+    Infinity, which JSON does not have, are refused. Blank lines are skipped. A bad line
+    stops the command: the lines before it were added, none after.
 
     \b
     Examples:
@@ -136,23 +159,44 @@ def produce(
             producer = Producer(client, stream, maxlen=maxlen, codec=_codec(json_payload))
             msg_id = producer.send(fields)
         with quiet_broken_pipe():
-            click.echo("1" if quiet else msg_id)
+            _report([msg_id], stream, quiet=quiet, as_json=as_json)
+            if quiet:
+                _added(1, stream, as_json=as_json)
         return
     if sys.stdin.isatty():
         click.echo("reading JSON lines from stdin; Ctrl-D to end, Ctrl-C to stop", err=True)
     with client_for(url) as client:
         producer = Producer(client, stream, maxlen=maxlen, codec=_codec(json_payload))
-        sent = _produce_lines(producer, sys.stdin, whole=json_payload, quiet=quiet)
+        sent = _produce_lines(producer, sys.stdin, whole=json_payload, quiet=quiet, as_json=as_json)
     if quiet:
         with quiet_broken_pipe():
-            click.echo(str(sent))
+            _added(sent, stream, as_json=as_json)
 
 
 def _codec(json_payload: bool) -> Any:
     return "json" if json_payload else None
 
 
-def _produce_lines(producer: Producer, lines: TextIO, *, whole: bool, quiet: bool) -> int:
+def _report(ids: list[str], stream: str, *, quiet: bool, as_json: bool) -> None:
+    """The ids of entries just added, one a line (unless --quiet)."""
+    if quiet or not ids:
+        return
+    if as_json:
+        click.echo("\n".join(json.dumps({"stream": stream, "id": i}) for i in ids))
+    else:
+        click.echo("\n".join(ids))
+
+
+def _added(count: int, stream: str, *, as_json: bool) -> None:
+    if as_json:
+        echo_json({"stream": stream, "added": count})
+    else:
+        click.echo(str(count))
+
+
+def _produce_lines(
+    producer: Producer, lines: TextIO, *, whole: bool, quiet: bool, as_json: bool
+) -> int:
     """Send the lines in pipelined blocks under a progress display on stderr; returns how many
     entries were added."""
     console = Console(stderr=True, highlight=False)
@@ -180,8 +224,7 @@ def _produce_lines(producer: Producer, lines: TextIO, *, whole: bool, quiet: boo
                 ids = producer.send_many(block)
                 sent += len(ids)
                 bar.update(task, completed=sent)
-                if not quiet:
-                    click.echo("\n".join(ids))
+                _report(ids, producer.stream, quiet=quiet, as_json=as_json)
         except _BadLine as exc:
             raise CliError(f"{exc} (entries added before it: {sent})") from None
         except KeyboardInterrupt:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import click
 
 from conveyor.cli import EXIT_INTERRUPTED, CliError, _sigterm_as_interrupt, main, redis_options
-from conveyor.cli._common import client_for, group_info, group_option, stream_option
+from conveyor.cli._common import (
+    client_for,
+    echo_json,
+    group_info,
+    group_option,
+    json_option,
+    stream_option,
+)
 from conveyor.models import ScaleDecision
 from conveyor.scaler import Scaler, keda_scaled_object
 
@@ -18,7 +24,8 @@ _SAMPLE_EVERY_S = 1.0
 
 
 def decision_dict(d: ScaleDecision) -> dict[str, Any]:
-    """A decision as a JSON-ready dict: the seed's figures, ours, and what they came from."""
+    """A decision as a JSON-ready dict: the redis-streams Scaler's figures, ours, and what
+    they came from."""
     return {
         "stream": d.stream,
         "group": d.group,
@@ -43,7 +50,8 @@ def decision_dict(d: ScaleDecision) -> dict[str, Any]:
 
 
 def recommendation_line(d: ScaleDecision) -> str:
-    """Our answer, after the seed's line: the count, against the current one, and why."""
+    """Our answer, after the redis-streams line: the count, against the current one, and
+    why."""
     return f"Recommended consumers: {d.recommended_consumers} (now {d.consumers}): {d.reason}"
 
 
@@ -105,7 +113,7 @@ def recommendation_line(d: ScaleDecision) -> str:
     type=click.FloatRange(min=0, min_open=True),
     help="Entries per second one consumer handles, if known (else learnt while observing).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+@json_option
 @click.option("--keda", is_flag=True, help="Print a KEDA ScaledObject (YAML) instead; no Redis.")
 @click.option("--name", metavar="NAME", help="--keda: the ScaledObject's name.")
 @click.option("--deployment", metavar="NAME", help="--keda: the Deployment to scale.")
@@ -153,9 +161,9 @@ def scale(
 ) -> None:
     """Say whether a group needs more or fewer consumers, and how many.
 
-    The first line is the seed Scaler's verdict, word for word: OUT, IN or NO_SCALE from the
-    group's lag (entries not delivered yet, which it calls "stream length") per pending
-    entry. The second is our recommendation, from the rates of arrival and processing
+    The first line is the verdict of the redis-streams Scaler, word for word: OUT, IN or
+    NO_SCALE from the group's lag (entries not delivered yet, which it calls "stream length")
+    per pending entry. The second is our recommendation, from the rates of arrival and processing
     (--observe-s measures them), the lag and --target-drain-s, within --min-consumers and
     --max-consumers; pending entries idle for a minute count as stuck: they need a reclaim,
     not consumers.
@@ -206,7 +214,7 @@ def scale(
             _observe(scaler, observe_s)
         decision = scaler.decide(scale_out_rate=scale_out_rate, scale_in_rate=scale_in_rate)
     if as_json:
-        click.echo(json.dumps(decision_dict(decision), indent=2))
+        echo_json(decision_dict(decision))
     else:
         click.echo(decision.line)
         click.echo(recommendation_line(decision))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,15 @@ from redis.exceptions import ResponseError
 
 from conveyor._core.commands import as_text
 from conveyor.cli import CliError, main, redis_options
-from conveyor.cli._common import client_for, confirm, entries, groups_of, stream_option
+from conveyor.cli._common import (
+    client_for,
+    confirm,
+    echo_json,
+    entries,
+    groups_of,
+    json_option,
+    stream_option,
+)
 from conveyor.retention import safe_trim
 
 #: entries read per round trip while finding where a length trim cuts
@@ -56,6 +65,25 @@ class LengthTrim:
     cut: int
     groups: int
     losses: tuple[GroupLoss, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What --json prints for a length trim that was only planned."""
+        return {
+            "stream": self.stream,
+            "length": self.length,
+            "maxlen": self.maxlen,
+            "cut": self.cut,
+            "groups": self.groups,
+            "losses": [
+                {
+                    "group": loss.group,
+                    "undelivered": loss.undelivered,
+                    "pending": loss.pending,
+                    "at_least": loss.at_least,
+                }
+                for loss in self.losses
+            ],
+        }
 
     def describe(self) -> str:
         if self.cut == 0:
@@ -171,9 +199,16 @@ def length_trim_plan(client: redis.Redis, stream: str, maxlen: int) -> LengthTri
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, delete nothing.")
 @click.option("-y", "--yes", is_flag=True, help="With --maxlen: do not ask for confirmation.")
+@json_option
 @redis_options()
 def trim(
-    stream: str, safe: bool, maxlen: int | None, dry_run: bool, yes: bool, url: str | None
+    stream: str,
+    safe: bool,
+    maxlen: int | None,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+    url: str | None,
 ) -> None:
     """Delete old entries of a stream: --safe, or down to a length with --maxlen.
 
@@ -185,6 +220,10 @@ def trim(
     many entries it would delete and, per group, how many of them that group was never
     delivered or still holds pending, and asks (without a terminal to ask on it refuses,
     unless --yes). Approximate trimming deletes whole nodes only, so perhaps fewer.
+
+    --json prints one object: for --safe the report (stream, trimmed, minid, length_before,
+    length_after, groups, held_by, reason, dry_run, at_least); for --maxlen the plan (cut
+    and, per group, losses), with "dry_run", and after a trim "trimmed" and "length_after".
 
     \b
     Examples:
@@ -198,12 +237,19 @@ def trim(
         if not client.exists(stream):
             raise CliError(f"stream {stream!r} does not exist")
         if safe:
-            click.echo(str(safe_trim(client, stream, dry_run=dry_run)))
+            report = safe_trim(client, stream, dry_run=dry_run)
+            if as_json:
+                echo_json(dataclasses.asdict(report))
+            else:
+                click.echo(str(report))
             return
         assert maxlen is not None
         plan = length_trim_plan(client, stream, maxlen)
         if plan.cut == 0 or dry_run:
-            click.echo(("dry run: " if dry_run and plan.cut else "") + plan.describe())
+            if as_json:
+                echo_json({**plan.to_dict(), "dry_run": dry_run, "trimmed": 0})
+            else:
+                click.echo(("dry run: " if dry_run and plan.cut else "") + plan.describe())
             return
         what = plan.describe()
         confirm(
@@ -216,4 +262,7 @@ def trim(
         except ResponseError as exc:
             raise CliError(f"XTRIM on {stream!r} failed: {exc}") from None
         left = int(client.xlen(stream))
-    click.echo(f"trimmed {entries(removed)} from {stream} ({left} left)")
+    if as_json:
+        echo_json({**plan.to_dict(), "dry_run": False, "trimmed": removed, "length_after": left})
+    else:
+        click.echo(f"trimmed {entries(removed)} from {stream} ({left} left)")
