@@ -85,21 +85,23 @@ def check_url(url: str | None) -> None:
     if not text:
         return
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(text.strip())
         query = parse_qs(parts.query)
     except ValueError:
         return  # connect() says what is wrong with it
-    if parts.scheme not in _DB_SCHEMES:
-        return  # Sentinel URLs name a service there; others are refused by connect()
+    if parts.scheme not in _DB_SCHEMES or "@" in parts.path + parts.query:
+        # Sentinel URLs name a service there; an "@" there is a password's tail (an unencoded
+        # "/" or "?" in it), which connect() explains without showing it
+        return
     found = list(query.get("db", []))
     if parts.scheme != "unix" and unquote(parts.path).strip("/"):
         found.insert(0, unquote(parts.path).strip("/"))
-    for db in found:
-        if not (db.isascii() and db.isdigit()):
-            raise CliError(
-                f"the database in {redact_url(text)} is {db!r}, not a number (the URL ends "
-                "with /DB, a database number: 0, 1, 2 ...)"
-            )
+    if any(not (db.isascii() and db.isdigit()) for db in found):
+        # the value is not quoted: whatever the URL holds, it never shows a secret
+        raise CliError(
+            f"the database in {redact_url(text)} is not a number (the URL ends with /DB, a "
+            "database number: 0, 1, 2 ...)"
+        )
 
 
 @contextmanager
