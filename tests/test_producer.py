@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from conveyor import ConfigError, FieldTypeError, PayloadError
+from conveyor import ConfigError, FieldTypeError, PayloadError, Producer
 from tests.conftest import Drivers
 
 Name = Callable[[str], str]
@@ -106,3 +106,17 @@ def test_payload_errors_name_the_message(drivers: Drivers, r: redis.Redis, name:
 def test_bad_chunk_is_a_config_error(drivers: Drivers, name: Name) -> None:
     with pytest.raises(ConfigError, match="chunk"):
         drivers.producer(name("s")).send_many([{"a": 1}], chunk=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_json_codec_refuses_nan_and_infinity_naming_the_field(
+    r: redis.Redis, name: Callable[[str], str], bad: float
+) -> None:
+    s = name("s")
+    p = Producer(r, s, codec="json")
+    with pytest.raises(FieldTypeError) as caught:
+        p.send_many([{"ok": 1}, {"items": [{"price": bad}]}])
+    text = str(caught.value)
+    assert "row 1" in text or "[1]" in text or "1" in text
+    assert "payload['items'][0]['price']" in text and "\n" not in text
+    assert r.exists(s) == 0  # nothing of that chunk was sent

@@ -6,7 +6,6 @@ entry twice. A failure raises ConnectionLost, saying how many entries of the cal
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
@@ -18,7 +17,7 @@ from conveyor._core import commands as cmd
 from conveyor._io import server_error
 from conveyor.config import Codec, ProducerConfig
 from conveyor.errors import ConfigError, ConnectionLost, FieldTypeError
-from conveyor.models import PAYLOAD_FIELD
+from conveyor.models import PAYLOAD_FIELD, dump_payload
 
 __all__ = ["AsyncProducer", "Producer"]
 
@@ -58,7 +57,7 @@ class _ProducerBase:
         c = self.config
         if c.codec == "json":
             try:
-                fields = {PAYLOAD_FIELD: json.dumps(fields, separators=(",", ":"))}
+                fields = {PAYLOAD_FIELD: dump_payload(fields)}
             except (TypeError, ValueError) as exc:
                 raise FieldTypeError(f"payload{where} is not JSON-serializable: {exc}") from None
         else:
