@@ -120,3 +120,10 @@ def test_spaces_around_a_url_are_ignored(redis_url: str) -> None:
     assert client.connection_pool.connection_class is redis.Connection
     assert client.ping() is True
     client.close()
+
+
+@pytest.mark.parametrize("path", ["/abc", "/1.5", "/0/extra", "/-1"])
+def test_a_db_that_is_not_a_number_is_refused(path: str) -> None:
+    with pytest.raises(conveyor.ConfigError) as caught:
+        conveyor.connect(f"redis://u:secret@127.0.0.1:6379{path}")
+    assert "bad db" in str(caught.value) and "secret" not in str(caught.value)

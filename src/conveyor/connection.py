@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from typing import Any, Literal, overload
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
@@ -162,6 +163,11 @@ def connect(
             _address(parts.netloc.rpartition("@")[2], 6379)
         except ValueError as exc:
             raise _config_error(f"Redis URL {shown} has {exc}") from None
+        # redis-py quietly uses db 0 for a path it cannot read; the path is not quoted (the
+        # tail of a password with an unencoded '/' can land there)
+        db = parts.path.strip("/")
+        if db and not re.fullmatch(r"[0-9]{1,9}", db):
+            raise _config_error(f"Redis URL {shown} has a bad db: write /<number>, e.g. /0")
     cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
     target = url
     if scheme in _REDIS_PY_SCHEME:
