@@ -198,6 +198,9 @@ class AsyncConsumer(_ConsumerBase):
         self._stop_now = True
         if self._current is not None and not self._current.done():
             self._current.cancel()
+            # Python 3.11's asyncio.wait_for (redis-py wraps every write in it) can swallow a
+            # cancellation that lands just as the write finishes: insist until it is done.
+            asyncio.get_running_loop().call_later(0.05, self._cancel_now)
 
     async def _step(self, awaitable: Awaitable[Any]) -> Any:
         """Await ``awaitable`` as a cancellable step of ``run()`` (a cold stop cancels it)."""
