@@ -318,6 +318,15 @@ def handle(batch):
             batch.ack(msg)
 
 not_callable = 42
+
+def hang_once(batch):
+    # The first process to get a batch hangs on it for good; the others ack.
+    try:
+        open(SEEN + ".hung", "x").close()
+    except FileExistsError:
+        return handle(batch)
+    import time
+    time.sleep(3600)
 """
 
 
@@ -403,6 +412,31 @@ def test_run_with_concurrency_processes_everything_once(
     assert "all 2 workers stopped cleanly" in err
     pids = {line.split()[0] for line in Path(worker_env["SEEN_FILE"]).read_text().splitlines()}
     assert len(pids) <= 2 and str(proc.pid) not in pids
+
+
+def test_run_handler_timeout_gives_a_stuck_batch_to_another_worker(
+    r: redis.Redis, name: Name, worker_env: dict[str, str], processes: list[subprocess.Popen[str]]
+) -> None:
+    stream = name("orders")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(20)]
+    args = ("-s", stream, "-g", "g", "--concurrency", "2", "--batch-size", "10")
+    timing = ("--max-wait-ms", "100", "--claim-idle-ms", "600", "--grace-period-ms", "100")
+    proc = start(
+        processes,
+        "run",
+        "cli_handlers:hang_once",
+        *args,
+        *timing,
+        "--handler-timeout-ms",
+        "300",
+        env=worker_env,
+    )
+    wait_for(lambda: len(seen_ids(worker_env)) >= 20, "the stuck batch was handled elsewhere")
+    wait_for(lambda: group_row(r, stream, "g").get("pending") == 0, "every message was acked")
+    _, err = stop(proc)
+
+    assert sorted(seen_ids(worker_env)) == sorted(ids)
+    assert "handler still running after handler_timeout_ms=300 on a batch of 10" in err
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,14 @@ def _stop_when_orphaned(supervisor_pid: int) -> None:
     help="Take over entries idle this long in other consumers.",
 )
 @click.option(
+    "--handler-timeout-ms",
+    metavar="MS",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A handler still running after this long gives its batch up: its unsettled messages "
+    "go to the other consumers at once (an async handler is cancelled). Default: no limit.",
+)
+@click.option(
     "--dead-letter",
     metavar="NAME",
     help="The dead-letter stream. Default: the stream's own, e.g. {orders}:dead for orders.",
@@ -290,6 +298,7 @@ def _consumer_options(options: dict[str, Any]) -> dict[str, Any]:
         "max_deliveries": options["max_deliveries"],
         "claim_idle_ms": options["claim_idle_ms"],
         "dead_letter": options["dead_letter"],
+        "handler_timeout_ms": options["handler_timeout_ms"],
     }
 
 
@@ -378,6 +387,8 @@ def _worker_argv(
     argv += ["--app-dir", str(Path(options["app_dir"]).resolve())]
     if options["dead_letter"]:
         argv += ["--dead-letter", options["dead_letter"]]
+    if options["handler_timeout_ms"] is not None:
+        argv += ["--handler-timeout-ms", str(options["handler_timeout_ms"])]
     if options["consumer"]:
         argv += ["--consumer", f"{options['consumer']}-{index}"]
     if options["metrics_port"] is not None:
