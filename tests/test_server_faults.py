@@ -261,7 +261,7 @@ def test_every_component_classifies_by_code(
     r: redis.Redis,
     name: Callable[[str], str],
 ) -> None:
-    """Producer, DeadLetters, safe_trim and Scaler raise the same classes for the same codes,
+    """Producer, DeadLetters, safe_trim, Scaler and Monitor raise the same classes for the same codes,
     each message one line with the code word and the stream."""
     s = name("s")
     fill(r, s, 3)
@@ -272,6 +272,7 @@ def test_every_component_classifies_by_code(
         ("XRANGE", lambda: conveyor.DeadLetters(client, s).list()),
         ("EVAL", lambda: conveyor.safe_trim(client, s)),
         ("MULTI", lambda: conveyor.Scaler(client, s, group="g").sample()),
+        ("XINFO", lambda: conveyor.Monitor(client, s).collect()),
     ]
     for command, call in calls:
         proxy.inject(command, FAULTS[code])

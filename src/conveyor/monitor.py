@@ -23,9 +23,10 @@ from conveyor._core import status
 from conveyor._core.monitor_scripts import COUNT_AFTER, MOVE_DEAD_ENTRIES
 from conveyor._core.scripts import REMOVE_IF_IDLE
 from conveyor._io import Plan as Step
+from conveyor._io import server_error
 from conveyor._keys import heartbeat_key
 from conveyor.config import ConsumerConfig, check_name
-from conveyor.errors import ConfigError, GroupMissingError, ServerError
+from conveyor.errors import ConfigError, GroupMissingError
 from conveyor.models import (
     SNAPSHOT_VERSION,
     CleanupReport,
@@ -241,8 +242,8 @@ class _MonitorBase:
         if text.lower() in ("no such key", "err no such key"):
             raise GroupMissingError(f"stream {self.stream!r} does not exist")
         if cmd.error_code(reply) == "NOGROUP" or "no such key" in text.lower():
-            raise GroupMissingError(f"{what}: {text}")
-        raise ServerError(f"{what} failed: {text}")
+            raise GroupMissingError(f"{what}: {cmd.error_text(reply)}")
+        raise server_error(reply, f"{what} failed")
 
     def _collect(self) -> Step[Snapshot]:
         s = self.stream
