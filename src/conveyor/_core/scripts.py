@@ -43,6 +43,18 @@ local function call(...)
   end
   return r
 end
+--- The ids in ARGV[first..] still pending for the group (ARGV[1]) in the stream (KEYS[1]):
+--- those the consumer (ARGV[2]) owns, and those another consumer owns now.
+local function owned(first)
+  local mine, others = {}, {}
+  for i = first, #ARGV do
+    local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+    if #p == 1 then
+      if p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] else others[#others + 1] = ARGV[i] end
+    end
+  end
+  return mine, others
+end
 --- Lua's unpack() has a stack limit (about 8,000 values): claim in chunks.
 local CHUNK = 1000
 local function chunks(ids, fn)
@@ -139,13 +151,7 @@ return 1
 HEARTBEAT = (
     _NOW_MS
     + """
-local mine, lost = {}, {}
-for i = 6, #ARGV do
-  local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 then
-    if p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
-  end
-end
+local mine, lost = owned(6)
 chunks(mine, function(part)
   -- unpack() expands to every id only as the last argument: JUSTID goes into the table
   part[#part + 1] = 'JUSTID'
@@ -227,11 +233,7 @@ TAKE_BACK = (
     _CALL
     + _WITH_COUNTS
     + """
-local mine = {}
-for i = 3, #ARGV do
-  local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
-end
+local mine = owned(3)
 local got = {}
 chunks(mine, function(part)
   for j, e in ipairs(call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(part))) do
@@ -273,11 +275,7 @@ return {entries, counts, #rows}
 ACK_IF_MINE = (
     _CALL
     + """
-local mine = {}
-for i = 3, #ARGV do
-  local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
-end
+local mine = owned(3)
 local n = 0
 chunks(mine, function(part) n = n + call('XACK', KEYS[1], ARGV[1], unpack(part)) end)
 return n
@@ -290,11 +288,7 @@ return n
 GIVE_UP = (
     _CALL
     + """
-local mine = {}
-for i = 4, #ARGV do
-  local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
-end
+local mine = owned(4)
 chunks(mine, function(part)
   part[#part + 1] = 'IDLE'
   part[#part + 1] = ARGV[3]
