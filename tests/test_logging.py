@@ -129,13 +129,19 @@ def test_a_worker_logs_only_stamped_lines(
     assert returncode == 0, output
     if log_format == "json":
         rows = json_lines(output)
-        assert any("handler failed" in row["message"] for row in rows)
+        failed = next(row for row in rows if "handler failed" in row["message"])
+        assert failed["level"] == "ERROR"
+        assert failed["exception"].startswith("Traceback (most recent call last):")
+        assert "ValueError: no such customer" in failed["exception"]
         assert any(row["message"].startswith("worker ") for row in rows)  # its notices too
         for row in rows:
             assert "exception" not in row or row["exception"].startswith("Traceback")
     else:
         for line in output.splitlines():
             assert TEXT_LINE.match(line) or line.startswith("    "), line
+        failed = next(line for line in output.splitlines() if "handler failed" in line)
+        assert " ERROR " in failed
+        assert "ValueError: no such customer" in output  # the traceback, indented below
 
 
 def record(exc_info: bool) -> logging.LogRecord:
