@@ -205,8 +205,14 @@ def test_out_of_memory_starts_retries_moves_and_robs_nobody(
         # The dead-letter move is refused (XADD under OOM) and kept; run() goes on.
         wait_for(lambda: admin.xpending(s, "g")["pending"] == 1, what="19 acks despite OOM")
         assert holder.alive and admin.xlen("{orders}:dead") == 0
+        full_s = time.monotonic() - started
         out_of_memory(admin, False)
         wait_for(lambda: admin.xlen("{orders}:dead") == 1, what="the move retried")
+        print(
+            f"\nOOM ({kind}): {len(holder.processed)}/20 handled, 19 acked and 1 move kept "
+            f"while full ({full_s:.1f} s), taken from the holder {taken}, duplicates "
+            f"{len(holder.seen) - len(holder.processed)}"
+        )
         holder.stop()
         thief.close()
     assert admin.xpending(s, "g")["pending"] == 0
