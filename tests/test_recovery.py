@@ -242,20 +242,30 @@ def test_two_reclaimers_never_take_the_same_entry(
     import conveyor
 
     s = name("s")
-    ids = fill(r, s, 300)
+    N = 1500  # enough rounds of 7 that every heir races, even on a busy machine
+    ids = fill(r, s, N)
     client = conveyor.connect(redis_url)
-    victim = Consumer(client, s, "g", consumer="victim", batch_size=300, max_wait_ms=30, **FAST)
-    assert len(victim.get_batch()) == 300
+    victim = Consumer(client, s, "g", consumer="victim", batch_size=N, max_wait_ms=30, **FAST)
+    assert len(victim.get_batch()) == N
     play_dead(victim)
     heirs = [
         Consumer(client, s, "g", consumer=f"heir{i}", batch_size=7, max_wait_ms=30, **FAST)
         for i in range(3)
     ]
     taken: list[list[str]] = [[] for _ in heirs]
+    # The victim's entries are claimable once its beat is stale and they are idle that long
+    # too (three beats); the heirs start racing then, each with a reclaim round.
+    timeout_ms = 3 * FAST["heartbeat_ms"]
+    deadline = time.monotonic() + 15
+    while len(r.xpending_range(s, "g", "-", "+", N, idle=timeout_ms)) < N:
+        assert time.monotonic() < deadline, "the victim's entries never became claimable"
+        time.sleep(0.01)
+    start = threading.Barrier(len(heirs))
 
     def work(i: int) -> None:
+        start.wait(10)
         deadline = time.monotonic() + 15
-        while sum(map(len, taken)) < 300 and time.monotonic() < deadline:
+        while sum(map(len, taken)) < N and time.monotonic() < deadline:
             batch = heirs[i].get_batch()
             taken[i] += [m.id for m in batch]
             heirs[i].ack_many(batch)
