@@ -162,7 +162,12 @@ def open_client(url: str | None) -> redis.Redis:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM stops the command like Ctrl-C does, so it cleans up too."""
+    """Within the block, SIGTERM stops the command like Ctrl-C does, so it cleans up too.
+
+    Ctrl-C (SIGINT) is handled here as well: Python keeps an ignored SIGINT ignored when the
+    parent started it so (a background job of a shell script), and the command would then
+    run on through every Ctrl-C.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -170,11 +175,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _start_embedded_server() -> conveyor.EmbeddedServer:
