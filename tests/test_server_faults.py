@@ -232,6 +232,7 @@ def test_a_demoted_primary_is_an_outage(
         outage_s = time.monotonic() - started
         producer.join(60)
         wait_for(lambda: processed() >= set(produced), 60, "every produced id processed")
+        caught_up_s = time.monotonic() - started - outage_s
     assert all(w.alive for w in workers)
     for w in workers:
         w.stop()
@@ -242,7 +243,7 @@ def test_a_demoted_primary_is_an_outage(
     print(
         f"demoted primary ({kind}): {len(produced)} produced, {len(processed())} processed, "
         f"duplicates {sum(len(w.seen) for w in workers) - len(processed())}, "
-        f"outage {outage_s:.1f} s"
+        f"outage {outage_s:.1f} s, all processed {caught_up_s:.1f} s after it"
     )
     r.close()
 
@@ -285,3 +286,67 @@ def test_every_component_classifies_by_code(
         text = str(caught.value)
         assert code in text and "\n" not in text, (command, text)
     client.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_error_after_a_partial_batch_strands_nothing(
+    kind: str, proxy: FaultProxy, r: redis.Redis, name: Callable[[str], str]
+) -> None:
+    """The first read of a batch delivers 3 entries, the next read of the same batch fails:
+    the 3 come back from the consumer's own pending list at once, not after claim_idle_ms."""
+    s = name("s")
+    produced = set(fill(r, s, 3))
+    reads = 0
+
+    def second_new_read(args: list[bytes]) -> bool:
+        nonlocal reads
+        if is_new_read(args):
+            reads += 1
+            return reads == 2
+        return False
+
+    proxy.inject(second_new_read, FAULTS["READONLY"])
+    w = Worker(kind, proxy.url, s, "g", batch_size=10, max_wait_ms=300, claim_idle_ms=60_000)
+    w.start()
+    wait_for(lambda: w.processed >= produced, 15, "the partial batch re-read at once")
+    w.stop()
+    assert proxy.injected == 1
+    assert sorted(d for _, d in w.seen) == [1, 1, 1]  # no delivery counted for the re-read
+    assert r.xpending(s, "g")["pending"] == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_lost_reply_during_a_retry_backoff_counts_nothing_twice(
+    kind: str, proxy: FaultProxy, r: redis.Redis, name: Callable[[str], str]
+) -> None:
+    """A failing message waits for its retry while a read reply is lost: the re-read of the
+    own pending list passes it by, so the handler sees it exactly max_deliveries times."""
+    s = name("s")
+    (poison,) = fill(r, s, 1)
+
+    failed = threading.Event()
+
+    def always_fail(w: Worker, batch: conveyor.Batch) -> None:
+        failed.set()
+        raise ValueError("no")
+
+    def a_read_in_the_backoff(args: list[bytes]) -> bool:
+        return failed.is_set() and is_new_read(args)
+
+    proxy.lose_reply(a_read_in_the_backoff)
+    w = Worker(
+        kind,
+        proxy.url,
+        s,
+        "g",
+        handler=always_fail,
+        max_deliveries=3,
+        retry_backoff_ms=300,
+        max_wait_ms=50,
+    )
+    w.start()
+    wait_for(lambda: r.xlen(f"{{{s}}}:dead") == 1, what="the message dead-lettered")
+    w.stop()
+    assert proxy.lost == 1
+    assert [d for i, d in w.seen if i == poison] == [1, 2, 3]
+    assert r.xpending(s, "g")["pending"] == 0

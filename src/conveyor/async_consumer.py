@@ -254,21 +254,26 @@ class AsyncConsumer(_ConsumerBase):
             await self._setup()
         m = self._machine
         m.begin_batch(now_ms())
-        while (plan := m.next_read(now_ms())) is not None:
-            carry, commands = self._carry(plan)
-            try:
-                raw = await _io.aroundtrip(self._reader, commands)
-            except BaseException:
-                self._unsent[:0] = carry  # safe to send again: acks and moves are idempotent
-                m.reply_lost()
-                raise
-            replies = self._carried(carry, raw)
-            if self._read_errors(plan, replies):
-                self._warn_recreate()
-                await self._setup()
-                m.group_recreated()
-                continue
-            m.feed(plan, replies, now_ms())
+        try:
+            while (plan := m.next_read(now_ms())) is not None:
+                carry, commands = self._carry(plan)
+                try:
+                    raw = await _io.aroundtrip(self._reader, commands)
+                except BaseException:
+                    self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
+                    raise
+                replies = self._carried(carry, raw)
+                if self._read_errors(plan, replies):
+                    self._warn_recreate()
+                    await self._setup()
+                    m.group_recreated()
+                    continue
+                m.feed(plan, replies, now_ms())
+        except BaseException:
+            # A reply lost, or an error after earlier reads of this batch delivered entries:
+            # what the server delivered is only in our pending list now.
+            m.reply_lost()
+            raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
             try:

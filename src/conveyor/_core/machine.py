@@ -186,8 +186,8 @@ class ConsumerMachine:
         self._buffer = []
         self._pending_after = dict.fromkeys(self.config.streams, "0")
         self._quiet_reread = True
-        # The own pending list is read again from the start, failed entries included.
-        self._retry_due.clear()
+        # Failed entries waiting for their retry stay scheduled: the re-read passes them by,
+        # and their retry (which counts a delivery) comes after the backoff as planned.
 
     def group_recreated(self) -> None:
         """The group was created again after NOGROUP; its pending list starts empty."""
@@ -275,6 +275,9 @@ class ConsumerMachine:
         for command, stream, reply in zip(plan.commands, plan.streams, replies, strict=True):
             entries, flat_counts, rows = reply[0], reply[1], int(reply[2])
             result = self._parse_claimed(stream, entries, flat_counts)
+            if self._retry_due:
+                due = self._retry_due
+                result.messages[:] = [m for m in result.messages if (m.stream, m.id) not in due]
             self._absorb(result)
             if rows < int(command[-1]) or stream not in result.last_ids:
                 del self._pending_after[stream]  # own pending list read to its end
