@@ -234,6 +234,8 @@ def test_a_demoted_primary_is_an_outage(
         wait_for(lambda: processed() >= set(produced), 60, "every produced id processed")
         caught_up_s = time.monotonic() - started - outage_s
     assert all(w.alive for w in workers)
+    # Nothing was stranded for claim_idle_ms and then reclaimed: all came back at once.
+    assert sum(w.consumer.reclaimed_count for w in workers) == 0
     for w in workers:
         w.stop()
     assert r.xpending(s, "g")["pending"] == 0
