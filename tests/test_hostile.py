@@ -233,9 +233,7 @@ def test_garbage_heartbeats_are_judged_by_idle_time(
     r.xreadgroup("g", "ghost", {s: ">"}, count=3)  # a consumer of another client holds 3
     r.hset(heartbeat_key(s, "g"), mapping={"ghost": garbage, "other": "²"})
     w = Worker(kind, redis_url, s, "g", claim_idle_ms=200, heartbeat_ms=50, max_wait_ms=50).start()
-    wait_for(lambda: w.processed >= produced, what="the ghost's entries taken by idle time")
-    assert w.alive
-    w.stop()
+    w.finish(produced, "the ghost's entries taken by idle time")
     assert r.xpending(s, "g")["pending"] == 0
 
 
@@ -261,9 +259,7 @@ def test_a_heartbeats_key_of_the_wrong_type_is_logged_and_consumption_goes_on(
             heartbeat_ms=50,
             max_wait_ms=50,
         ).start()
-        wait_for(lambda: w.processed >= produced, what="every message processed")
-        assert w.alive
-        w.stop()
+        w.finish(produced, "every message processed")
     errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert errors and "WRONGTYPE" in errors[0].getMessage()
     assert heartbeat_key(s, "g") in errors[0].getMessage()

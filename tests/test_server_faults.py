@@ -63,9 +63,7 @@ def test_every_error_code_is_an_outage_that_run_survives(
     proxy.inject(is_new_read, FAULTS[code], times=3)
     with caplog.at_level(logging.WARNING, logger="conveyor"):
         w = Worker(kind, proxy.url, s, "g", batch_size=10, max_wait_ms=100).start()
-        wait_for(lambda: w.processed >= produced, what=f"every message processed past {code}")
-        assert w.alive
-        w.stop()
+        w.finish(produced, f"every message processed past {code}")
     assert proxy.injected == 3
     assert r.xpending(s, "g")["pending"] == 0
     failures = [rec.getMessage() for rec in caplog.records if "backoff" in rec.getMessage()]

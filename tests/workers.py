@@ -112,6 +112,13 @@ class Worker:
         await self.consumer.run(handle, grace_period_ms=5_000)
         await client.aclose()
 
+    def finish(self, ids: set[str], what: str = "every message processed") -> None:
+        """Wait until every id in ``ids`` was processed, check that ``run()`` is still going,
+        then stop it."""
+        wait_for(lambda: self.processed >= ids, what=what)
+        assert self.alive, "run() ended by itself"
+        self.stop()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
