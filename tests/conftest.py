@@ -149,3 +149,23 @@ def drivers(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Drivers]
     d = Drivers(request.param, redis_url)
     yield d
     d.close()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A Redis Cluster of three primaries (tests/cluster.py), for the whole session.
+
+    Same binary as ``server``; a missing server fails loudly. Tests may move slots (they stay
+    on their new node), so ownership is computed, never assumed.
+    """
+    from tests.cluster import Cluster
+
+    with Cluster(os.environ.get("CONVEYOR_TEST_SERVER") or None) as c:
+        yield c
+
+
+@pytest.fixture
+def cluster_url(cluster: Any) -> str:
+    """The URL of the cluster's first node, once the cluster is ok and agrees on every slot."""
+    cluster.wait_ok()
+    return str(cluster.url)
