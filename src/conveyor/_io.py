@@ -8,14 +8,16 @@ connection is closed and raised as ConnectionLost.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar, cast
 
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from conveyor import _cluster
 from conveyor._core.commands import Command, error_code, error_text
 from conveyor.connection import describe
 from conveyor.errors import (
@@ -32,7 +34,9 @@ __all__ = [
     "apool_roundtrip",
     "aroundtrip",
     "arun_plan",
+    "acluster_roundtrip",
     "check_client",
+    "cluster_roundtrip",
     "lost",
     "pool_roundtrip",
     "roundtrip",
@@ -54,6 +58,7 @@ def server_error(reply: BaseException, what: str, client: Any = None) -> Conveyo
     it in the exception's class, not in the text) and quoted on one line with the code::
 
         READONLY, MASTERDOWN, LOADING, BUSY, TRYAGAIN, CLUSTERDOWN  ConnectionLost (an outage)
+        MOVED, ASK on a cluster client (a slot still moving)      ConnectionLost
         MOVED, ASK (a plain client on a cluster node)              ConfigError
         NOGROUP                                                    GroupMissingError
         anything else (OOM, NOPERM, WRONGTYPE ...)                 ServerError
@@ -63,6 +68,8 @@ def server_error(reply: BaseException, what: str, client: Any = None) -> Conveyo
     at = f" at {describe(client)}" if client is not None else ""
     if code in TRANSIENT_CODES:
         return ConnectionLost(f"{what}: server{at} said: {text}")
+    if code in ("MOVED", "ASK") and _cluster.is_cluster(client):
+        return ConnectionLost(f"{what}: the slot is moving between nodes ({code} {text})")
     if code in ("MOVED", "ASK"):
         return ConfigError(
             f"{what}: the server{at} is a Redis Cluster node and redirected us ({text}); "
@@ -124,7 +131,10 @@ def roundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
 
 
 def pool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
-    """``roundtrip`` on a connection borrowed from ``client``'s pool."""
+    """``roundtrip`` on a connection borrowed from ``client``'s pool (on a cluster: from the
+    pool of each node concerned, see ``cluster_roundtrip``)."""
+    if _cluster.is_cluster(client):
+        return cluster_roundtrip(client, commands)
     pool = client.connection_pool
     try:
         conn = pool.get_connection()
@@ -158,6 +168,8 @@ async def aroundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
 
 async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
     """``aroundtrip`` on a connection borrowed from an asyncio client's pool."""
+    if _cluster.is_cluster(client):
+        return await acluster_roundtrip(client, commands)
     pool = client.connection_pool
     try:
         conn = await pool.get_connection()
@@ -167,6 +179,114 @@ async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]
         return await aroundtrip(conn, commands)
     finally:
         await pool.release(conn)
+
+
+# -- Redis Cluster ------------------------------------------------------------------------------
+
+#: a connection of one's own on a node (a consumer's), instead of one borrowed from the client
+ConnectionFor = Callable[[Any], Any]
+
+
+def _node_roundtrip(
+    client: Any, node: Any, commands: Sequence[Command], connection_for: ConnectionFor | None
+) -> list[Any]:
+    if connection_for is not None:
+        return roundtrip(connection_for(node), commands)
+    return pool_roundtrip(client.get_redis_connection(node), commands)
+
+
+def _refresh(client: Any) -> None:
+    try:
+        client.nodes_manager.initialize()
+    except Exception:  # every node unreachable: the next attempt reads the map again
+        pass
+
+
+def cluster_roundtrip(
+    client: Any, commands: Sequence[Command], connection_for: ConnectionFor | None = None
+) -> list[Any]:
+    """Send ``commands`` on a cluster: one pipeline per node that owns their slots, replies in
+    the order of the commands, redirects followed (``_cluster.route``). A lost connection to a
+    node refreshes the slot map (a failover moves slots) and is raised as ConnectionLost."""
+    plan = _cluster.route(client, commands)
+    try:
+        kind, arg = next(plan)
+        while True:
+            if kind == "refresh":
+                _refresh(client)
+                kind, arg = plan.send(None)
+                continue
+            answered = {}
+            for name, (node, node_commands) in arg.items():
+                try:
+                    answered[name] = _node_roundtrip(client, node, node_commands, connection_for)
+                except ConnectionLost:
+                    _refresh(client)
+                    raise
+            kind, arg = plan.send(answered)
+    except StopIteration as finished:
+        return cast(list[Any], finished.value)
+
+
+async def _anode_roundtrip(
+    node: Any, commands: Sequence[Command], connection_for: ConnectionFor | None
+) -> list[Any]:
+    if connection_for is not None:
+        return await aroundtrip(connection_for(node), commands)
+    try:
+        conn = node.acquire_connection()
+    except Exception as exc:
+        raise ConnectionLost(f"no connection to {node.name}: {exc}") from exc
+    try:
+        return await aroundtrip(conn, commands)
+    finally:
+        node.release(conn)
+
+
+async def ainitialized(client: Any) -> None:
+    """An asyncio cluster client reads its slot map on first use: make sure it has."""
+    if getattr(client, "_initialize", False):
+        try:
+            await client.initialize()
+        except LINK_ERRORS as exc:
+            raise lost(client, exc) from exc
+        except RedisError as exc:
+            raise ConnectionLost(f"cannot read the slot map of {describe(client)}: {exc}") from exc
+
+
+async def _arefresh(client: Any) -> None:
+    try:
+        await client.nodes_manager.initialize()
+    except Exception:
+        pass
+
+
+async def acluster_roundtrip(
+    client: Any, commands: Sequence[Command], connection_for: ConnectionFor | None = None
+) -> list[Any]:
+    """``cluster_roundtrip`` for an asyncio cluster client: the nodes are asked concurrently."""
+    await ainitialized(client)
+    plan = _cluster.route(client, commands)
+    try:
+        kind, arg = next(plan)
+        while True:
+            if kind == "refresh":
+                await _arefresh(client)
+                kind, arg = plan.send(None)
+                continue
+            names = list(arg)
+            results = await asyncio.gather(
+                *(_anode_roundtrip(arg[n][0], arg[n][1], connection_for) for n in names),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    if isinstance(result, ConnectionLost):
+                        await _arefresh(client)
+                    raise result
+            kind, arg = plan.send(dict(zip(names, results, strict=True)))
+    except StopIteration as finished:
+        return cast(list[Any], finished.value)
 
 
 _T = TypeVar("_T")
@@ -207,14 +327,18 @@ async def arun_plan(client: Any, plan: Plan[_T]) -> _T:
 
 
 def check_client(client: Any, *, asyncio: bool, owner: str, twin: str) -> None:
-    """Raise ConfigError unless ``client`` is a redis.Redis (with ``asyncio``, a
-    redis.asyncio.Redis): conveyor talks to its connection pool directly."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not hasattr(pool, "get_connection"):
-        raise ConfigError(
-            f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-            "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
-        )
-    if inspect.iscoroutinefunction(pool.get_connection) is not asyncio:
+    """Raise ConfigError unless ``client`` is a redis.Redis or redis.cluster.RedisCluster (with
+    ``asyncio``, their redis.asyncio twins): conveyor talks to their connections directly."""
+    if _cluster.is_cluster(client):
+        is_async = _cluster.is_async_cluster(client)
+    else:
+        pool = getattr(client, "connection_pool", None)
+        if pool is None or not hasattr(pool, "get_connection"):
+            raise ConfigError(
+                f"client {type(client).__name__} is not supported here: pass a redis.Redis, "
+                "redis.asyncio.Redis or a RedisCluster client of either"
+            )
+        is_async = inspect.iscoroutinefunction(pool.get_connection)
+    if is_async is not asyncio:
         wanted = "an asyncio client" if asyncio else "a sync client"
         raise ConfigError(f"{owner} needs {wanted}; use {twin} for this client")

@@ -1,33 +1,80 @@
 """Every key name conveyor derives from a user's stream, in one place.
 
-Derived keys share the stream's hash slot (a hash tag), so the Lua scripts that touch a stream
-and its dead-letter stream together also run on a Redis Cluster.
+Derived keys share the stream's hash slot, so the Lua scripts that touch a stream and its
+dead-letter stream or heartbeats together also run on a Redis Cluster. The slot follows Redis's
+hash tag rule exactly: the first ``{`` and the first ``}`` after it enclose the hashed part,
+unless nothing is between them (``{}orders`` has no tag: the whole name is hashed).
 """
 
 from __future__ import annotations
 
-__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key"]
+import functools
+from binascii import crc_hqx
+
+__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key", "key_slot"]
+
+SLOTS = 16384
 
 
-def hash_tag(stream: str) -> str:
-    """The part of ``stream`` that decides its cluster slot, as a ``{tag}`` prefix.
+def _hashed_part(key: bytes) -> bytes:
+    start = key.find(b"{")
+    if start != -1:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
 
-    >>> hash_tag("orders"), hash_tag("{shop}orders")
-    ('{orders}', '{shop}')
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster hash slot of ``key``, by Redis's rule (CRC16 of its hashed part).
+
+    >>> key_slot("orders") == key_slot("{orders}:dead"), key_slot("{}orders") == key_slot("{}")
+    (True, False)
     """
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return crc_hqx(_hashed_part(raw), 0) % SLOTS
+
+
+def _own_tag(stream: str) -> str | None:
     start = stream.find("{")
     if start != -1:
         end = stream.find("}", start + 1)
         if end > start + 1:
             return stream[start : end + 1]
-    return "{" + stream + "}"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _same_slot_tag(slot: int) -> str:
+    """The shortest decimal number that hashes into ``slot``: the tag of derived keys for a
+    stream whose whole name is hashed but cannot be wrapped in braces (it holds a ``}``)."""
+    n = 0
+    while crc_hqx(str(n).encode(), 0) % SLOTS != slot:
+        n += 1
+    return str(n)
+
+
+def hash_tag(stream: str) -> str:
+    """A ``{tag}`` that hashes into ``stream``'s slot.
+
+    >>> hash_tag("orders"), hash_tag("{shop}orders"), hash_tag("{}orders")
+    ('{orders}', '{shop}', '{48133}')
+    """
+    own = _own_tag(stream)
+    if own is not None:
+        return own
+    if stream and "}" not in stream:
+        return "{" + stream + "}"  # hashes exactly the whole name, as the stream itself
+    return "{" + _same_slot_tag(key_slot(stream)) + "}"
 
 
 def _derived(stream: str, suffix: str) -> str:
+    if _own_tag(stream) is not None:
+        return f"{stream}:{suffix}"  # a stream with a tag keeps its readable name
     tag = hash_tag(stream)
-    # A stream that already carries a tag keeps its readable name; others gain one.
-    base = stream if tag != "{" + stream + "}" else tag
-    return f"{base}:{suffix}"
+    if tag == "{" + stream + "}":
+        return f"{tag}:{suffix}"
+    return f"{tag}{stream}:{suffix}"  # e.g. {1234}{}orders:dead
 
 
 def dead_letter_key(stream: str) -> str:

@@ -23,8 +23,10 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -92,16 +94,25 @@ def _safe_options(
 
 @overload
 def connect(
-    url: str | None = None, *, asyncio: Literal[False] = False, **options: Any
-) -> redis.Redis: ...
+    url: str | None = None,
+    *,
+    asyncio: Literal[False] = False,
+    cluster: bool | None = None,
+    **options: Any,
+) -> Any: ...
 @overload
 def connect(
-    url: str | None = None, *, asyncio: Literal[True], **options: Any
-) -> redis.asyncio.Redis: ...
+    url: str | None = None, *, asyncio: Literal[True], cluster: bool | None = None, **options: Any
+) -> Any: ...
 def connect(
-    url: str | None = None, *, asyncio: bool = False, **options: Any
-) -> redis.Redis | redis.asyncio.Redis:
+    url: str | None = None, *, asyncio: bool = False, cluster: bool | None = None, **options: Any
+) -> Any:
     """A client for ``url`` (else ``$REDIS_URL``, else ``redis://localhost:6379/0``).
+
+    A redis.Redis (``asyncio=True``: redis.asyncio.Redis); when the server at the URL runs in
+    cluster mode, a ``redis.cluster.RedisCluster`` (``redis.asyncio.cluster.RedisCluster``)
+    that finds every node from that one. ``cluster=True`` or ``False`` skips the question to
+    the server (which connect() otherwise asks once, with ``INFO cluster``).
 
     Safe for streams: no automatic retry (a retried XADD can append twice), TCP keepalive on,
     bounded connect and command timeouts. ``rediss://`` enables TLS; pass ``ssl_ca_certs``,
@@ -168,19 +179,59 @@ def connect(
         db = parts.path.strip("/")
         if db and not re.fullmatch(r"[0-9]{1,9}", db):
             raise _config_error(f"Redis URL {shown} has a bad db: write /<number>, e.g. /0")
-    cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
     target = url
     if scheme in _REDIS_PY_SCHEME:
         target = _REDIS_PY_SCHEME[scheme] + url[url.index(":") :]
+    safe = _safe_options(options, asyncio=asyncio, unix=scheme == "unix")
+    if cluster is None:
+        cluster = scheme != "unix" and _runs_in_cluster_mode(target, options)
+    if cluster:
+        if scheme == "unix":
+            raise _config_error(f"a Redis Cluster is reached over TCP, not a unix socket: {shown}")
+        if parts.path.strip("/") not in ("", "0"):
+            raise _config_error(f"Redis URL {shown} names a db; a Redis Cluster has only db 0")
+        cls: Any = redis.asyncio.cluster.RedisCluster if asyncio else redis.cluster.RedisCluster
+        safe.pop("retry_on_error", None)
+    else:
+        cls = redis.asyncio.Redis if asyncio else redis.Redis
     try:
-        client = cls.from_url(
-            target, **_safe_options(options, asyncio=asyncio, unix=scheme == "unix")
-        )
+        client = cls.from_url(target, **safe)
     except (ValueError, TypeError) as exc:
         raise _config_error(
             f"bad Redis URL or option for {shown}: {_error_text(exc, secrets)}"
         ) from None
-    return client  # type: ignore[no-any-return]
+    except redis.exceptions.RedisError as exc:  # a cluster client reads the slot map at once
+        raise _config_error(
+            f"cannot reach the Redis Cluster at {shown}: {_error_text(exc, secrets)}"
+        ) from None
+    return client
+
+
+#: how long connect() waits for a server to say whether it runs in cluster mode
+_PROBE_TIMEOUT_S = 2.0
+
+
+def _runs_in_cluster_mode(target: str, options: dict[str, Any]) -> bool:
+    """Ask the server at ``target`` (``INFO cluster``). A server that cannot be reached or
+    refuses the question is taken for a plain server: the client then says so on first use."""
+    probe_options = _safe_options(options)
+    probe_options["socket_connect_timeout"] = min(
+        float(probe_options.get("socket_connect_timeout") or _PROBE_TIMEOUT_S), _PROBE_TIMEOUT_S
+    )
+    probe_options["socket_timeout"] = _PROBE_TIMEOUT_S
+    probe_options.pop("decode_responses", None)
+    try:
+        probe = redis.Redis.from_url(target, **probe_options)
+    except (ValueError, TypeError):
+        return False  # the real client's creation reports the bad option
+    try:
+        reply = probe.execute_command("INFO", "cluster")
+        return str(reply.get("cluster_enabled", 0)) == "1"
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.debug("could not ask %s whether it runs in cluster mode: %s", redact_url(target), exc)
+        return False
+    finally:
+        probe.close()
 
 
 def _sentinel_client(
@@ -275,8 +326,32 @@ class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool):
 # -- reader connections ------------------------------------------------------------------------
 
 
+def _connection_settings(client: Any, node: Any) -> tuple[type[Any], dict[str, Any], bool]:
+    """The connection class and keyword arguments of ``client``'s connections (on a cluster:
+    of its connections to ``node``), and whether they are asyncio connections."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        node = node or client.get_default_node()
+        return node.connection_class, dict(node.connection_kwargs), True
+    if isinstance(client, redis.cluster.RedisCluster):
+        pool = client.get_redis_connection(node or client.get_default_node()).connection_pool
+    else:
+        pool = getattr(client, "connection_pool", None)
+    if pool is None or not hasattr(pool, "connection_kwargs"):
+        raise ConfigError(
+            f"client {type(client).__name__} is not supported here: pass a redis.Redis, "
+            "redis.asyncio.Redis or a RedisCluster client of either"
+        )
+    is_async = isinstance(pool, redis.asyncio.ConnectionPool)
+    return pool.connection_class, dict(pool.connection_kwargs), is_async
+
+
 def reader_connection(
-    client: Any, *, encoding: str | None, read_timeout_s: float, name: str | None = None
+    client: Any,
+    *,
+    encoding: str | None,
+    read_timeout_s: float,
+    name: str | None = None,
+    node: Any = None,
 ) -> Any:
     """A new connection, configured like ``client``'s pool, for one consumer's blocking reads.
 
@@ -286,24 +361,17 @@ def reader_connection(
     connection's CLIENT SETNAME (``conveyor:<name>``), so ``CLIENT LIST`` shows which consumer a
     connection serves. Works for sync and asyncio clients alike: the pool says which connection
     class to use. Behind Sentinel, the connection asks the sentinels for the primary each time
-    it connects, as the pool's own connections do.
+    it connects, as the pool's own connections do. On a cluster, a connection to ``node``.
     """
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not hasattr(pool, "connection_kwargs"):
-        raise ConfigError(
-            f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-            "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
-        )
-    kwargs = dict(pool.connection_kwargs)
+    connection_class, kwargs, is_async = _connection_settings(client, node)
     kwargs.update(
         decode_responses=encoding is not None,
         encoding=encoding or "utf-8",
         encoding_errors="surrogateescape",
         socket_timeout=read_timeout_s,
-        retry=_no_retry(asyncio=isinstance(pool, redis.asyncio.ConnectionPool)),
+        retry=_no_retry(asyncio=is_async),
         health_check_interval=0,
     )
-    connection_class = pool.connection_class
     if not issubclass(connection_class, _UNIX_CONNECTIONS):
         kwargs["socket_keepalive"] = True
     if name is not None:
@@ -364,6 +432,10 @@ def describe(client_or_conn: Any) -> str:
     Behind Sentinel: the primary's address when it is known, and the service, e.g.
     ``10.0.0.5:6379 (sentinel service mymaster)``.
     """
+    if isinstance(client_or_conn, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        nodes = sorted(n.name for n in client_or_conn.get_primaries())
+        shown = ", ".join(nodes[:3]) + (", ..." if len(nodes) > 3 else "")
+        return f"Redis Cluster ({shown})"
     pool = getattr(client_or_conn, "connection_pool", None)
     try:
         service = getattr(pool, "service_name", None)

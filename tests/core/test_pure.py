@@ -7,10 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot as redis_key_slot
 
 import conveyor
 from conveyor import ConfigError
-from conveyor._keys import dead_letter_key
+from conveyor._keys import dead_letter_key, heartbeat_key, key_slot
 from conveyor.config import ConsumerConfig, ProducerConfig
 from conveyor.connection import redact_url
 from conveyor.consumer import default_consumer_name
@@ -101,6 +104,20 @@ def test_default_consumer_names_are_unique() -> None:
 def test_derived_keys_share_the_hash_slot() -> None:
     assert dead_letter_key("orders") == "{orders}:dead"
     assert dead_letter_key("{shop}orders") == "{shop}orders:dead"
+
+
+@given(st.text(alphabet="{}ab:é", max_size=10), st.text(alphabet="{}g", max_size=4))
+def test_derived_keys_follow_the_hash_tag_rule_exactly(stream: str, group: str) -> None:
+    # redis-py's key_slot is the reference; an empty {} is no tag (the whole name is hashed)
+    want = redis_key_slot(stream.encode())
+    assert key_slot(stream) == want
+    assert redis_key_slot(dead_letter_key(stream).encode()) == want
+    assert redis_key_slot(heartbeat_key(stream, group).encode()) == want
+
+
+def test_an_empty_tag_is_no_tag() -> None:
+    assert key_slot("{}orders") != key_slot("{}")
+    assert dead_letter_key("{}orders").endswith("{}orders:dead")
 
 
 def test_redact_url_hides_the_password() -> None:

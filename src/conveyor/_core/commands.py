@@ -25,6 +25,7 @@ __all__ = [
     "ReadResult",
     "as_map",
     "as_text",
+    "command_key",
     "convert_fields",
     "error_code",
     "error_text",
@@ -60,6 +61,40 @@ __all__ = [
 Command = tuple[Any, ...]
 
 _FIELD_TYPES = (str, bytes, int, float)
+
+#: commands whose first key follows a subcommand
+_SUBCOMMAND_KEYED = frozenset({"XINFO", "XGROUP", "OBJECT", "MEMORY"})
+#: commands without keys: on a cluster they go to the node of the pipeline's keyed commands
+_KEYLESS = frozenset(
+    {"TIME", "PING", "INFO", "MULTI", "EXEC", "DISCARD", "ASKING", "SCAN", "COMMAND", "CLIENT",
+     "CONFIG", "ACL", "DBSIZE", "ECHO", "HELLO", "SCRIPT", "FUNCTION", "CLUSTER", "READONLY",
+     "READWRITE", "WAIT", "ROLE", "LASTSAVE", "SLOWLOG", "LATENCY", "FLUSHALL", "FLUSHDB"}
+)  # fmt: skip
+
+
+def command_key(command: Command) -> Any:
+    """The key that decides where ``command`` runs on a cluster (its first key), or None.
+
+    >>> command_key(("EVAL", "return 1", 2, "s", "h")), command_key(("XINFO", "GROUPS", "s"))
+    ('s', 's')
+    >>> command_key(("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">"))
+    'a'
+    >>> command_key(("TIME",)) is None, command_key(("EVAL", "return 1", 0)) is None
+    (True, True)
+    """
+    name = as_text(command[0]).upper()
+    if name in _KEYLESS or len(command) < 2:
+        return None
+    if name in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"):
+        return command[3] if int(command[2]) > 0 else None
+    if name in ("XREADGROUP", "XREAD"):
+        for i, word in enumerate(command):
+            if isinstance(word, str | bytes) and as_text(word).upper() == "STREAMS":
+                return command[i + 1]
+        return None
+    if name in _SUBCOMMAND_KEYED:
+        return command[2] if len(command) > 2 else None
+    return command[1]
 
 
 def as_text(value: Any) -> str:
