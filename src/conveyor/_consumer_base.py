@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from conveyor import _io
+from conveyor import _cluster, _io
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
 from conveyor._core.machine import ConsumerMachine, ReadPlan
-from conveyor._keys import heartbeat_key
+from conveyor._keys import heartbeat_key, key_slot
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
 from conveyor.errors import ConfigError, ConnectionLost, ConveyorError
@@ -36,6 +36,8 @@ _RENEW_CHUNK = 2_000
 _REPEAT_LOG_S = 60.0
 #: heartbeats hash lifetime: far beyond any timeout, so an abandoned group leaves no key behind
 _HEARTBEATS_TTL_MS = 24 * 3600 * 1000
+#: a slot that answered TRYAGAIN or moved is left alone this long (no busy loop meanwhile)
+_SLOT_PAUSE_MS = 50
 
 Handler = Callable[[Batch], Any]
 
@@ -158,12 +160,20 @@ class _ConsumerBase:
         )
         self.client = client
         self._machine = ConsumerMachine(self.config)
-        self._reader = reader_connection(
-            client,
-            encoding=encoding,
-            read_timeout_s=max_wait_ms / 1000 + READ_MARGIN_S,
-            name=self.config.consumer,
-        )
+        self._cluster = _cluster.is_cluster(client)
+        if self._cluster:
+            self._check_slots()
+            self._reader: Any = None
+        else:
+            self._reader = self._new_reader()
+        # On a cluster: the connections of this consumer per node (non-blocking steps) and
+        # per (node, slot) (blocking reads), the reads in flight, slots being migrated (ASK:
+        # read from the target after ASKING) and slots to leave alone for a moment.
+        self._controls: dict[str, Any] = {}
+        self._readers: dict[tuple[str, int], Any] = {}
+        self._asking: dict[int, Any] = {}
+        self._paused: dict[int, int] = {}
+        self._retired = []
         self._ready = False
         self._closed = False
         self._stopping = False
@@ -245,13 +255,176 @@ class _ConsumerBase:
 
     # -- shared helpers ------------------------------------------------------------------------
 
+    def _new_reader(self, node: Any = None) -> Any:
+        return reader_connection(
+            self.client,
+            encoding=self.config.encoding,
+            read_timeout_s=self.config.max_wait_ms / 1000 + READ_MARGIN_S,
+            name=self.config.consumer,
+            node=node,
+        )
+
+    # -- Redis Cluster -------------------------------------------------------------------------
+
+    def _check_slots(self) -> None:
+        """On a cluster a dead-letter move is atomic only inside one hash slot."""
+        for s in self.streams:
+            dead = self.config.dead_letter_for(s)
+            if key_slot(dead) != key_slot(s):
+                raise ConfigError(
+                    f"dead-letter stream {dead!r} is in hash slot {key_slot(dead)} and stream "
+                    f"{s!r} in slot {key_slot(s)}: on a Redis Cluster the move must be atomic, "
+                    "so both need one slot; give the dead-letter stream the stream's hash tag, "
+                    f"e.g. {'{' + s + '}'}:dead, or leave dead_letter unset"
+                )
+
+    def _control(self, node: Any) -> Any:
+        """This consumer's connection to ``node`` for non-blocking steps (decoding as asked)."""
+        name = _cluster.node_name(node)
+        conn = self._controls.get(name)
+        if conn is None:
+            conn = self._controls[name] = self._new_reader(node)
+        return conn
+
+    def _units(self) -> dict[tuple[str, int], tuple[Any, tuple[str, ...]]]:
+        """The streams by (node, slot): what one blocking XREADGROUP can read together. A
+        slot being migrated is read on its target (after ASKING) once it sent us there."""
+        units: dict[tuple[str, int], tuple[Any, tuple[str, ...]]] = {}
+        for s in self.streams:
+            slot = key_slot(s)
+            node = self._asking.get(slot) or _cluster.node_for_key(self.client, s)
+            key = (_cluster.node_name(node), slot)
+            units[key] = (node, (*units[key][1], s) if key in units else (s,))
+        return units
+
+    def _plan_units(self) -> None:
+        if self._cluster:
+            self._machine.set_units([streams for _, streams in self._units().values()])
+
+    def _unit_of(self, command: cmd.Command) -> tuple[tuple[str, int], Any, bool]:
+        """The unit key, node and whether ASKING goes first, for one XREADGROUP."""
+        slot = key_slot(cmd.command_key(command))
+        asking = self._asking.get(slot)
+        node = asking or _cluster.node_for_key(self.client, cmd.command_key(command))
+        return (_cluster.node_name(node), slot), node, asking is not None
+
+    def _unit_reader(self, key: tuple[str, int], node: Any) -> Any:
+        conn = self._readers.get(key)
+        if conn is None:
+            conn = self._readers[key] = self._new_reader(node)
+        return conn
+
+    def _read_reply(self, key: tuple[str, int], node: Any, reply: Any, now: int) -> Any:
+        """A cluster read's reply, or None when the slot moved (the read delivered nothing):
+        MOVED and UNBLOCKED re-read the slot map (the caller does), ASK reads from the target
+        next, TRYAGAIN and CLUSTERDOWN leave the slot alone for a moment. Other errors stay."""
+        if not isinstance(reply, Exception):
+            return reply
+        slot = key[1]
+        code = cmd.error_code(reply)
+        if code == "ASK":
+            target = self.client.nodes_manager.get_node(reply.host, reply.port)  # type: ignore[attr-defined]
+            if target is not None:
+                self._asking[slot] = target
+                return None
+            code = "MOVED"
+        if code in ("MOVED", "UNBLOCKED"):
+            self._asking.pop(slot, None)
+            self._stale_map = True
+            self._paused[slot] = now + _SLOT_PAUSE_MS
+            return None
+        if code in ("TRYAGAIN", "CLUSTERDOWN"):
+            self._paused[slot] = now + _SLOT_PAUSE_MS
+            return None
+        return reply
+
+    _stale_map = False
+
+    def _map_refreshed(self) -> None:
+        """The slot map was read again: forget redirects the map now agrees with."""
+        self._stale_map = False
+        for slot, target in list(self._asking.items()):
+            owner = self.client.nodes_manager.get_node_from_slot(slot)
+            if _cluster.node_name(owner) == _cluster.node_name(target):
+                del self._asking[slot]
+        self._plan_units()
+
+    def _sendable(self, plan: ReadPlan, inflight: Any, now: int) -> list[tuple[Any, ...]]:
+        """The reads of a cluster plan to start now: ``(key, node, commands, asking)`` for each
+        unit with no read in flight and not paused."""
+        out = []
+        for command in plan.commands:
+            key, node, asking = self._unit_of(command)
+            if key in inflight or self._paused.get(key[1], 0) > now:
+                continue
+            self._paused.pop(key[1], None)
+            commands = (("ASKING",), command) if asking else (command,)
+            out.append((key, node, commands, asking))
+        return out
+
+    def _pause_ms(self, now: int) -> int:
+        """How long until a paused slot may be read again (0: none is paused)."""
+        return max((at - now for at in self._paused.values()), default=0)
+
+    def _collected(self, finished: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+        """The replies of cluster reads that finished: ``(key, node, outcome)`` with the
+        round trip's replies or its exception. A lost connection retires that reader and is
+        raised once the others are counted (the caller then re-reads its own pending list)."""
+        replies: list[Any] = []
+        error: BaseException | None = None
+        for key, node, outcome in finished:
+            if isinstance(outcome, BaseException):
+                reader = self._readers.pop(key, None)
+                if reader is not None:
+                    self._retired.append(reader)
+                error = error or outcome
+                continue
+            reply = self._read_reply(key, node, outcome[-1], now_ms())
+            if reply is not None:
+                replies.append(reply)
+        if error is not None:
+            raise error
+        return replies
+
+    def _retire_readers(self) -> list[Any]:
+        """Readers whose reads are abandoned (a reply was lost elsewhere: the own pending
+        list is read again, so what they still deliver must not be handed out twice)."""
+        retired = list(self._readers.values()) + self._retired
+        self._readers = {}
+        self._retired = []
+        return retired
+
+    _retired: list[Any] = []
+
+    def _drain_s(self) -> float:
+        """How long closing waits for reads in flight (they end within max_wait_ms)."""
+        return self.config.max_wait_ms / 1000 + 1.0
+
+    def _give_back_commands(self, messages: Sequence[Message]) -> list[cmd.Command]:
+        """Entries delivered to this consumer that no handler will see (it is closing): made
+        idle at once, so the other consumers' reclaim takes them now."""
+        by_stream: dict[str, list[str]] = {}
+        for msg in messages:
+            by_stream.setdefault(msg.stream, []).append(msg.id)
+        idle = self.config.claim_idle_ms
+        return [
+            ("EVAL", scripts.GIVE_UP, 1, s, self.group, self.name, idle, *ids)
+            for s, ids in by_stream.items()
+        ]
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"consumer {self.name!r} is closed")
 
     def _handed_out(self, messages: list[Message], deferred: bool) -> Batch:
-        """The Batch for ``messages``, now in flight (their leases are renewed)."""
+        """The Batch for ``messages``, now in flight (their leases are renewed, as are those of
+        entries carried to the next batch)."""
         ids = None
+        carried = self._machine.carried
+        if carried:
+            with self._inflight_lock:
+                for m in carried:
+                    self._inflight[m.stream].add(m.id)
         if messages:
             with self._inflight_lock:
                 if len(self.streams) == 1:
@@ -523,6 +696,10 @@ class _ConsumerBase:
         for reply in replies:
             if isinstance(reply, Exception):
                 code = cmd.error_code(reply)
+                if code in ("UNBLOCKED", "MOVED", "ASK") and self._cluster:
+                    # a slot that moved while we read: an outage until the map is read again
+                    self._stale_map = True
+                    raise _io.server_error(reply, f"reading {list(plan.streams)}", self.client)
                 if code == "UNBLOCKED" and "state changed" in str(reply):
                     # a primary turned replica unblocks its readers: an outage, not a loss
                     raise ConnectionLost(

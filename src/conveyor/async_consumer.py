@@ -10,12 +10,13 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from conveyor import _io
 from conveyor._consumer_base import Outage, _ConsumerBase, now_ms
 from conveyor._core import commands as cmd
+from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow
 from conveyor.errors import ConnectionLost, HandlerTimeout
 from conveyor.models import Batch, Message, describe_error
@@ -23,6 +24,9 @@ from conveyor.models import Batch, Message, describe_error
 __all__ = ["AsyncConsumer"]
 
 log = logging.getLogger("conveyor.consumer")
+
+#: see consumer._FAN_OUT_MARGIN_S
+_FAN_OUT_MARGIN_S = 0.25
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -42,6 +46,8 @@ class AsyncConsumer(_ConsumerBase):
         super().__init__(*args, **kwargs)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._current: asyncio.Future[Any] | None = None
+        # On a cluster: the blocking reads in flight, by (node, slot).
+        self._reads: dict[tuple[str, int], tuple[asyncio.Task[Any], Any]] = {}
 
     async def get_batch(self) -> Batch:
         """See ``Consumer.get_batch``. Cancelling it loses nothing: entries the server delivered
@@ -144,12 +150,17 @@ class AsyncConsumer(_ConsumerBase):
         try:
             if self._unsent:
                 await self._flush_unsent()
+            if self._cluster:
+                await self._give_back()
             if self._ready:
                 await _io.apool_roundtrip(self.client, self._leave_commands())
         except Exception as exc:
             log.warning("consumer %r could not leave group %r: %s", self.name, self.group, exc)
         finally:
-            await self._reader.disconnect()
+            self._abandon_reads()
+            for conn in (self._reader, *self._controls.values(), *self._retire_readers()):
+                if conn is not None:
+                    await conn.disconnect()
 
     async def __aenter__(self) -> AsyncConsumer:
         if not self._ready:
@@ -254,11 +265,12 @@ class AsyncConsumer(_ConsumerBase):
             await self._setup()
         m = self._machine
         m.begin_batch(now_ms())
+        self._plan_units()
         try:
             while (plan := m.next_read(now_ms())) is not None:
                 carry, commands = self._carry(plan)
                 try:
-                    raw = await _io.aroundtrip(self._reader, commands)
+                    raw = await self._roundtrip(plan, carry, commands)
                 except BaseException:
                     self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                     raise
@@ -273,6 +285,7 @@ class AsyncConsumer(_ConsumerBase):
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
+            self._abandon_reads()
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -283,6 +296,81 @@ class AsyncConsumer(_ConsumerBase):
             else:
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
+
+    async def _roundtrip(
+        self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]
+    ) -> list[Any]:
+        """See ``Consumer._roundtrip``."""
+        if not self._cluster:
+            return await _io.aroundtrip(self._reader, commands)
+        if plan.kind != NEW:
+            return await self._on_nodes(commands)
+        done = await self._on_nodes(carry) if carry else []
+        return done + await self._fan_out(plan)
+
+    async def _on_nodes(self, commands: Sequence[cmd.Command]) -> list[Any]:
+        replies = await _io.acluster_roundtrip(self.client, commands, self._control)
+        if self._stale_map:
+            await self._refresh()
+        return replies
+
+    async def _refresh(self) -> None:
+        try:
+            await self.client.nodes_manager.initialize()
+        except Exception as exc:
+            log.debug("consumer %r: reading the slot map failed: %s", self.name, exc)
+            return
+        self._map_refreshed()
+
+    async def _fan_out(self, plan: ReadPlan) -> list[Any]:
+        """See ``Consumer._fan_out``: one task per blocking read."""
+        now = now_ms()
+        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
+            reader = self._unit_reader(key, node)
+            self._reads[key] = (asyncio.ensure_future(_io.aroundtrip(reader, commands)), node)
+        wait_s = (plan.block_ms or 0) / 1000
+        if not self._reads:  # every slot paused for a moment: wait, never spin
+            await asyncio.sleep(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
+            return []
+        await asyncio.wait(
+            [t for t, _ in self._reads.values()],
+            timeout=wait_s + _FAN_OUT_MARGIN_S,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        finished = []
+        for key, (task, node) in list(self._reads.items()):
+            if task.done():
+                del self._reads[key]
+                exc = task.exception()
+                finished.append((key, node, exc if exc is not None else task.result()))
+        try:
+            return self._collected(finished)
+        finally:
+            if self._stale_map:
+                await self._refresh()
+
+    def _abandon_reads(self) -> None:
+        if self._cluster:
+            reads, self._reads = self._reads, {}
+            for task, _node in reads.values():
+                task.cancel()  # a cancelled read disconnects its connection
+            self._readers = {}
+
+    async def _give_back(self) -> None:
+        """See ``Consumer._give_back``."""
+        messages = list(self._machine.carried)
+        reads, self._reads = self._reads, {}
+        if reads:
+            await asyncio.wait([t for t, _ in reads.values()], timeout=self._drain_s())
+        for task, _node in reads.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                reply = task.result()[-1]
+                if not isinstance(reply, Exception):
+                    messages.extend(self._machine.new_messages(reply))
+            else:
+                task.cancel()
+        if messages:
+            await _io.apool_roundtrip(self.client, self._give_back_commands(messages))
 
     async def _setup(self) -> None:
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))

@@ -225,7 +225,7 @@ def _runs_in_cluster_mode(target: str, options: dict[str, Any]) -> bool:
     except (ValueError, TypeError):
         return False  # the real client's creation reports the bad option
     try:
-        reply = probe.execute_command("INFO", "cluster")
+        reply: Any = probe.execute_command("INFO", "cluster")  # type: ignore[no-untyped-call]
         return str(reply.get("cluster_enabled", 0)) == "1"
     except (redis.exceptions.RedisError, OSError) as exc:
         log.debug("could not ask %s whether it runs in cluster mode: %s", redact_url(target), exc)
@@ -329,11 +329,13 @@ class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool):
 def _connection_settings(client: Any, node: Any) -> tuple[type[Any], dict[str, Any], bool]:
     """The connection class and keyword arguments of ``client``'s connections (on a cluster:
     of its connections to ``node``), and whether they are asyncio connections."""
+    pool: Any
     if isinstance(client, redis.asyncio.cluster.RedisCluster):
         node = node or client.get_default_node()
         return node.connection_class, dict(node.connection_kwargs), True
     if isinstance(client, redis.cluster.RedisCluster):
-        pool = client.get_redis_connection(node or client.get_default_node()).connection_pool
+        node = node or client.get_default_node()  # type: ignore[no-untyped-call]
+        pool = client.get_redis_connection(node).connection_pool
     else:
         pool = getattr(client, "connection_pool", None)
     if pool is None or not hasattr(pool, "connection_kwargs"):
@@ -363,6 +365,7 @@ def reader_connection(
     class to use. Behind Sentinel, the connection asks the sentinels for the primary each time
     it connects, as the pool's own connections do. On a cluster, a connection to ``node``.
     """
+    connection_class: Any
     connection_class, kwargs, is_async = _connection_settings(client, node)
     kwargs.update(
         decode_responses=encoding is not None,

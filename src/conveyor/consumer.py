@@ -5,13 +5,15 @@ Everything but the I/O loops lives in ``_consumer_base``; ``AsyncConsumer`` is i
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from conveyor import _io
 from conveyor._consumer_base import Handler, Outage, _ConsumerBase, default_consumer_name, now_ms
+from conveyor._core.machine import NEW, ReadPlan
 from conveyor._core import commands as cmd
 from conveyor._shutdown import StopNow, graceful
 from conveyor.async_consumer import AsyncConsumer
@@ -21,6 +23,9 @@ from conveyor.models import Batch, Message, describe_error
 __all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
 
 log = logging.getLogger("conveyor.consumer")
+
+#: how long past a read's block time its reply may take before the step ends without it
+_FAN_OUT_MARGIN_S = 0.25
 
 
 class Consumer(_ConsumerBase):
@@ -41,6 +46,9 @@ class Consumer(_ConsumerBase):
         super().__init__(*args, **kwargs)
         self._wake = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        # On a cluster: the blocking reads in flight, by (node, slot), and their threads.
+        self._reads: dict[tuple[str, int], tuple[concurrent.futures.Future[Any], Any]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def get_batch(self) -> Batch:
         """Up to ``batch_size`` messages: this consumer's own pending entries first, then
@@ -143,12 +151,18 @@ class Consumer(_ConsumerBase):
         try:
             if self._unsent:
                 self._flush_unsent()
+            if self._cluster:
+                self._give_back()
             if self._ready:
                 _io.pool_roundtrip(self.client, self._leave_commands())
         except Exception as exc:  # leaving is best effort; nothing is lost by staying
             log.warning("consumer %r could not leave group %r: %s", self.name, self.group, exc)
         finally:
-            self._reader.disconnect()
+            for conn in (self._reader, *self._controls.values(), *self._retire_readers()):
+                if conn is not None:
+                    conn.disconnect()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
 
     def __enter__(self) -> Consumer:
         return self
@@ -173,11 +187,12 @@ class Consumer(_ConsumerBase):
             self._setup()
         m = self._machine
         m.begin_batch(now_ms())
+        self._plan_units()
         try:
             while (plan := m.next_read(now_ms())) is not None:
                 carry, commands = self._carry(plan)
                 try:
-                    raw = _io.roundtrip(self._reader, commands)
+                    raw = self._roundtrip(plan, carry, commands)
                 except BaseException:
                     self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                     raise
@@ -192,6 +207,7 @@ class Consumer(_ConsumerBase):
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
+            self._abandon_reads()
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -202,6 +218,87 @@ class Consumer(_ConsumerBase):
             else:
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
+
+    def _roundtrip(
+        self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]
+    ) -> list[Any]:
+        """One step of a batch: on a server, one pipeline on the reader; on a cluster, the
+        settling commands and non-blocking steps pipelined per node, and new entries read by
+        one blocking read per (node, slot), all in flight at once."""
+        if not self._cluster:
+            return _io.roundtrip(self._reader, commands)
+        if plan.kind != NEW:
+            return self._on_nodes(commands)
+        done = self._on_nodes(carry) if carry else []
+        return done + self._fan_out(plan)
+
+    def _on_nodes(self, commands: Sequence[cmd.Command]) -> list[Any]:
+        replies = _io.cluster_roundtrip(self.client, commands, self._control)
+        if self._stale_map:
+            self._refresh()
+        return replies
+
+    def _refresh(self) -> None:
+        try:
+            self.client.nodes_manager.initialize()
+        except Exception as exc:  # the next step tries again
+            log.debug("consumer %r: reading the slot map failed: %s", self.name, exc)
+            return
+        self._map_refreshed()
+
+    def _fan_out(self, plan: ReadPlan) -> list[Any]:
+        """Start a blocking read on every (node, slot) of ``plan`` that has none in flight;
+        return the replies of those that finish first (the others stay in flight, for the
+        next step or batch), waiting at most the plan's block time."""
+        now = now_ms()
+        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=64, thread_name_prefix=f"conveyor-read-{self.name}"
+                )
+            reader = self._unit_reader(key, node)
+            self._reads[key] = (self._pool.submit(_io.roundtrip, reader, commands), node)
+        wait_s = (plan.block_ms or 0) / 1000
+        if not self._reads:  # every slot paused for a moment: wait, never spin
+            self._wake.wait(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
+            return []
+        concurrent.futures.wait(
+            [f for f, _ in self._reads.values()],
+            timeout=wait_s + _FAN_OUT_MARGIN_S,
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
+        finished = []
+        for key, (future, node) in list(self._reads.items()):
+            if future.done():
+                del self._reads[key]
+                exc = future.exception()
+                finished.append((key, node, exc if exc is not None else future.result()))
+        try:
+            return self._collected(finished)
+        finally:
+            if self._stale_map:
+                self._refresh()
+
+    def _abandon_reads(self) -> None:
+        if self._cluster:
+            self._reads = {}
+            for reader in self._retire_readers():
+                reader.disconnect()  # its thread ends with an error nobody reads
+
+    def _give_back(self) -> None:
+        """Closing on a cluster: reads still in flight end within max_wait_ms; what they
+        and the carried entries hold is given back to the group for the others to take."""
+        messages = list(self._machine.carried)
+        reads, self._reads = self._reads, {}
+        if reads:
+            concurrent.futures.wait([f for f, _ in reads.values()], timeout=self._drain_s())
+        for future, _node in reads.values():
+            if future.done() and future.exception() is None:
+                reply = future.result()[-1]
+                if not isinstance(reply, Exception):
+                    messages.extend(self._machine.new_messages(reply))
+        if messages:
+            _io.pool_roundtrip(self.client, self._give_back_commands(messages))
 
     def _setup(self) -> None:
         self._setup_outcome(_io.pool_roundtrip(self.client, self._setup_commands()))

@@ -81,6 +81,12 @@ class ConsumerMachine:
         self._next_reclaim_ms = 0
         self._retry_due: dict[tuple[str, str], int] = {}
         self._buffer: list[Message] = []
+        # New entries delivered beyond the batch size (reads on several nodes in flight at
+        # once): the next batch starts with them.
+        self._carry: list[Message] = []
+        # Streams read by one XREADGROUP: all on a plain server; on a cluster, those that
+        # share a hash slot (the driver says which).
+        self._units: tuple[tuple[str, ...], ...] = (tuple(config.streams),)
         self._overdue: list[Message] = []
         self._deadline_ms = 0
         self._new_reads = 0
@@ -100,8 +106,17 @@ class ConsumerMachine:
 
     # -- batches -------------------------------------------------------------------------------
 
+    def set_units(self, units: Sequence[Sequence[str]]) -> None:
+        """Which streams one XREADGROUP may read together (on a cluster: one hash slot)."""
+        self._units = tuple(tuple(u) for u in units)
+
+    @property
+    def carried(self) -> list[Message]:
+        """New entries delivered beyond the last batch's size, handed out with the next."""
+        return self._carry
+
     def begin_batch(self, now_ms: int) -> None:
-        self._buffer = []
+        self._buffer, self._carry = self._carry, []
         self._new_reads = 0
         self._deadline_ms = now_ms + self.config.max_wait_ms
         self._phase_done: set[str] = set()
@@ -126,17 +141,24 @@ class ConsumerMachine:
             return None
         streams, count = self._share(self.config.streams, remaining)
         block = wait_ms if wait_ms > 0 else None
-        read = cmd.xreadgroup(
-            self.config.group, self.config.consumer, streams, (">",) * len(streams), count, block
+        c = self.config
+        if len(self._units) == 1:
+            read = cmd.xreadgroup(c.group, c.consumer, streams, (">",) * len(streams), count, block)
+            return ReadPlan((read,), streams, NEW, block)
+        reads = tuple(
+            cmd.xreadgroup(c.group, c.consumer, unit, (">",) * len(unit), count, block)
+            for unit in self._split(streams)
         )
-        return ReadPlan((read,), streams, NEW, block)
+        return ReadPlan(reads, streams, NEW, block)
 
     def feed(self, plan: ReadPlan, replies: Sequence[Any], now_ms: int) -> None:
         """Absorb the replies of ``plan`` (errors must have been handled by the driver)."""
         if plan.kind == NEW:  # first deliveries: nothing can be overdue, nothing deleted
+            # One reply per XREADGROUP the driver got back (on a cluster: from any node).
             self._new_reads += 1
-            result = cmd.parse_read(replies[0], self._names, self.config.encoding, 1)
-            self._buffer.extend(result.messages)
+            for reply in replies:
+                result = cmd.parse_read(reply, self._names, self.config.encoding, 1)
+                self._buffer.extend(result.messages)
         elif plan.kind == PENDING:
             self._feed_pending(plan, replies)
         elif plan.kind == REREAD:
@@ -146,8 +168,15 @@ class ConsumerMachine:
         else:
             self._feed_take_back(plan, replies)
 
+    def new_messages(self, reply: Any) -> list[Message]:
+        """The messages of one ``>`` XREADGROUP reply (a read that finished after the end)."""
+        return cmd.parse_read(reply, self._names, self.config.encoding, 1).messages
+
     def end_batch(self) -> list[Message]:
         batch, self._buffer = self._buffer, []
+        size = self.config.batch_size
+        if len(batch) > size:
+            batch, self._carry = batch[:size], batch[size:]
         self.delivered_count += len(batch)
         return batch
 
@@ -184,6 +213,7 @@ class ConsumerMachine:
     def reply_lost(self) -> None:
         """A reply may have been lost: what the server delivered is only in our pending list."""
         self._buffer = []
+        self._carry = []
         self._pending_after = dict.fromkeys(self.config.streams, "0")
         self._quiet_reread = True
         # Failed entries waiting for their retry stay scheduled: the re-read passes them by,
@@ -224,8 +254,17 @@ class ConsumerMachine:
             return rotated, remaining // n
         return rotated[:remaining], 1
 
+    def _split(self, streams: Sequence[str]) -> list[tuple[str, ...]]:
+        """``streams`` grouped by unit, in their order."""
+        chosen = set(streams)
+        out = [tuple(s for s in unit if s in chosen) for unit in self._units]
+        return [u for u in out if u]
+
     def _pending_plan(self, remaining: int) -> ReadPlan:
-        streams, count = self._share(tuple(self._pending_after), remaining)
+        pending: tuple[str, ...] = tuple(self._pending_after)
+        if len(self._units) > 1:  # one XREADGROUP reads one unit's own pending entries
+            pending = self._split(pending)[0] if self._split(pending) else pending
+        streams, count = self._share(pending, remaining)
         ids = tuple(self._pending_after[s] for s in streams)
         c = self.config
         if self._quiet_reread:
