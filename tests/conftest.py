@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 
 import conveyor
 from conveyor import AsyncConsumer, AsyncProducer, Consumer, EmbeddedServer, Producer
@@ -169,3 +170,13 @@ def cluster_url(cluster: Any) -> str:
     """The URL of the cluster's first node, once the cluster is ok and agrees on every slot."""
     cluster.wait_ok()
     return str(cluster.url)
+
+
+def command_calls(r: Any, command: str, key: str) -> int:
+    """How often the server that holds ``key`` ran ``command`` (its INFO commandstats); on a
+    cluster, the node that owns the key's slot."""
+    if isinstance(r, redis.cluster.RedisCluster):
+        stats: Any = r.info("commandstats", target_nodes=r.get_node_from_key(key))
+    else:
+        stats = r.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))

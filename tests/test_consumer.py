@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from conveyor import ConfigError, Message
-from tests.conftest import Drivers
+from tests.conftest import Drivers, command_calls
 
 Name = Callable[[str], str]
 
@@ -27,8 +27,8 @@ def pending_total(r: redis.Redis, stream: str, group: str) -> int:
     return int(r.xpending(stream, group)["pending"])
 
 
-def xreadgroup_calls(r: redis.Redis) -> int:
-    return int(r.info("commandstats").get("cmdstat_xreadgroup", {}).get("calls", 0))
+def xreadgroup_calls(r: redis.Redis, stream: str) -> int:
+    return command_calls(r, "xreadgroup", stream)
 
 
 def test_batches_fill_up_and_every_message_is_acked(
@@ -80,9 +80,9 @@ def test_an_empty_wait_blocks_on_the_server_and_never_spins(
     s = name("s")
     c = drivers.consumer(s, "g", max_wait_ms=300)
     c.get_batch()  # setup and own pending list
-    before = xreadgroup_calls(r)
+    before = xreadgroup_calls(r, s)
     assert len(c.get_batch()) == 0
-    assert xreadgroup_calls(r) - before <= 2
+    assert xreadgroup_calls(r, s) - before <= 2
 
 
 def test_a_partial_batch_waits_for_more_then_returns_full(

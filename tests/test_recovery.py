@@ -13,7 +13,7 @@ import redis
 
 from conveyor import Batch, Consumer
 from conveyor._keys import dead_letter_key, heartbeat_key
-from tests.conftest import Drivers
+from tests.conftest import Drivers, command_calls
 
 Name = Callable[[str], str]
 FAST = {"heartbeat_ms": 50, "retry_backoff_ms": 20, "retry_backoff_max_ms": 80}
@@ -134,7 +134,7 @@ def test_run_sends_the_acks_of_a_batch_in_one_xack(
     batches = 0
 
     def calls() -> int:
-        return int(r.info("commandstats").get("cmdstat_xack", {}).get("calls", 0))
+        return command_calls(r, "xack", s)
 
     before = calls()
 
