@@ -14,12 +14,16 @@ Replay adds an entry to its origin stream *before* it deletes it from the dead-l
 a crash in between leaves it in both (a duplicate, never a loss). Replay and purge stop at the
 last entry that existed when they started, so entries dead-lettered meanwhile (perhaps a
 replayed message that failed again) wait for the next run instead of looping.
+
+On a Redis Cluster the same holds for any slots: replay is never one transaction (the XADD to
+the origin stream and the XDEL here are separate commands, each sent to the node that owns its
+key), so a dead-letter stream whose letters name origin streams in other slots, or on other
+nodes, is replayed with the same guarantee (a duplicate, never a loss).
 """
 
 from __future__ import annotations
 
 import builtins
-import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -149,16 +153,8 @@ class _DeadLettersBase:
             check_name("dead_letter", dead_letter)
         if encoding is not None:
             check_encoding(encoding)
-        pool = getattr(client, "connection_pool", None)
-        if pool is None or not hasattr(pool, "get_connection"):
-            raise ConfigError(
-                f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-                "redis.asyncio.Redis (Redis Cluster clients are not supported yet)"
-            )
-        if inspect.iscoroutinefunction(pool.get_connection) is not self._asyncio:
-            wanted = "an asyncio client" if self._asyncio else "a sync client"
-            other = "DeadLetters" if self._asyncio else "AsyncDeadLetters"
-            raise ConfigError(f"{type(self).__name__} needs {wanted}; use {other} for this client")
+        twin = "DeadLetters" if self._asyncio else "AsyncDeadLetters"
+        _io.check_client(client, asyncio=self._asyncio, owner=type(self).__name__, twin=twin)
         self.client = client
         self.stream = stream
         #: the dead-letter stream this object reads

@@ -5,6 +5,10 @@ and a cleanup after dead consumers that never loses an entry.
 its consumers, its oldest pending entry and its heartbeats, pipelined), one more to list the
 groups when none is named, and one more when the server cannot tell a group's lag. The judging
 is done by ``conveyor._core.status``; the two monitors share every step but the I/O.
+
+Every command of a collection or a cleanup touches the stream's own slot (its heartbeats share
+it), so on a Redis Cluster the round trip goes to the node that owns the stream, whichever
+node the client was made from.
 """
 
 from __future__ import annotations
@@ -199,6 +203,9 @@ class _MonitorBase:
     """What Monitor and AsyncMonitor share: settings and every step, as generators of round
     trips that the two drive with their own I/O."""
 
+    _asyncio = False
+    _twin = "AsyncMonitor"
+
     def __init__(
         self,
         client: Any,
@@ -214,11 +221,7 @@ class _MonitorBase:
         check_name("stream", stream)
         if group is not None:
             check_name("group", group)
-        if not hasattr(client, "connection_pool"):
-            raise ConfigError(
-                f"client {type(client).__name__} is not supported here: pass a redis.Redis or "
-                "redis.asyncio.Redis"
-            )
+        _io.check_client(client, asyncio=self._asyncio, owner=type(self).__name__, twin=self._twin)
         self.client = client
         self.stream = stream
         self.group = group
@@ -441,6 +444,9 @@ class AsyncMonitor(_MonitorBase):
 
     >>> snap = await AsyncMonitor(ar, "orders", group="billing").collect()  # doctest: +SKIP
     """
+
+    _asyncio = True
+    _twin = "Monitor"
 
     async def collect(self) -> Snapshot:
         """See ``Monitor.collect``."""

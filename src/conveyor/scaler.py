@@ -11,6 +11,8 @@
 
 A sample is one atomic snapshot (MULTI/EXEC: server TIME, XINFO STREAM, XINFO GROUPS and the
 stuck pending entries), so ``entries_added``, ``lag`` and ``pending`` agree with each other.
+On a Redis Cluster the transaction goes whole to the node that owns the stream: its commands
+read the stream, and MULTI, TIME and EXEC go with them (the clock is that node's).
 Where the server has no lag (nil after XGROUP SETID or deletions; before Redis 7.0) or one
 larger than the stream (undelivered entries were trimmed), it is counted with XRANGE from the
 group's last delivered id, up to 10,000, and the sample says when that is an estimate.
