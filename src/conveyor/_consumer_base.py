@@ -19,7 +19,7 @@ from typing import Any
 from conveyor import _cluster, _io
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
-from conveyor._core.machine import ConsumerMachine, ReadPlan
+from conveyor._core.machine import RECLAIM, ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key, key_slot
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
@@ -40,6 +40,14 @@ _HEARTBEATS_TTL_MS = 24 * 3600 * 1000
 _SLOT_PAUSE_MS = 50
 
 Handler = Callable[[Batch], Any]
+
+
+def _slot_moving(reply: Any) -> bool:
+    """A cluster's answer that the command did not run because its slot is moving."""
+    return isinstance(reply, Exception) and cmd.error_code(reply) in _SLOT_MOVING
+
+
+_SLOT_MOVING = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK"})
 
 
 def default_consumer_name() -> str:
@@ -691,6 +699,36 @@ class _ConsumerBase:
                 )
         self._ready = True
 
+    def _without_split_slots(
+        self, plan: ReadPlan, replies: list[Any]
+    ) -> tuple[ReadPlan, list[Any]]:
+        """On a cluster, a reclaim script over a slot split by a migration (its stream on one
+        node, its heartbeats on the other: TRYAGAIN) is skipped until the next round; the
+        plan and replies of the streams where it ran are kept (what they claimed is ours)."""
+        if not self._cluster or plan.kind != RECLAIM:
+            return plan, replies
+        keep = [i for i, r in enumerate(replies) if not _slot_moving(r)]
+        if len(keep) == len(replies):
+            return plan, replies
+        log.debug("consumer %r: reclaim skipped on a slot being migrated", self.name)
+        commands = tuple(plan.commands[i] for i in keep)
+        streams = tuple(plan.streams[i] for i in keep)
+        return ReadPlan(commands, streams, RECLAIM, None), [replies[i] for i in keep]
+
+    def _renew_only(
+        self, sent: Sequence[tuple[str, cmd.Command]], replies: list[Any]
+    ) -> list[tuple[int, cmd.Command]]:
+        """Heartbeat scripts refused because the slot is split by a migration: the same
+        renewal of in-flight entries with the stream as its only key and no beat, so nobody
+        takes them while the heartbeats key is on the other node. ``(index, command)`` pairs."""
+        if not self._cluster:
+            return []
+        out = []
+        for i, ((stream, command), reply) in enumerate(zip(sent, replies, strict=True)):
+            if _slot_moving(reply):
+                out.append((i, (*command[:4], stream, *command[5:9], 0, *command[10:])))
+        return out
+
     def _read_errors(self, plan: ReadPlan, replies: Sequence[Any]) -> bool:
         """Handle error replies of a read. True: the group is gone and must be recreated."""
         for reply in replies:
@@ -766,11 +804,13 @@ class _ConsumerBase:
     def _heartbeat_outcome(
         self, sent: Sequence[tuple[str, cmd.Command]], replies: Sequence[Any]
     ) -> None:
-        for (stream, _command), reply in zip(sent, replies, strict=True):
+        for (stream, command), reply in zip(sent, replies, strict=True):
             if isinstance(reply, Exception):
                 raise self._reply_error(reply, f"heartbeat on {stream!r}")
             lost = [cmd.as_text(x) for x in reply[0] or ()]
             refused = cmd.as_text(reply[1]) if len(reply) > 1 and reply[1] else ""
+            if command[9] == 0 and command[4] == stream:
+                refused = "TRYAGAIN the slot is being migrated (heartbeats key on another node)"
             if refused:
                 self._beat_refused(stream, refused)
             if lost:

@@ -275,6 +275,7 @@ class AsyncConsumer(_ConsumerBase):
                     self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                     raise
                 replies = self._carried(carry, raw)
+                plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
                     self._warn_recreate()
                     await self._setup()
@@ -380,7 +381,13 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _beat(self) -> None:
         sent = self._heartbeat_commands()
-        self._heartbeat_outcome(sent, await _io.apool_roundtrip(self.client, [c for _, c in sent]))
+        replies = await _io.apool_roundtrip(self.client, [c for _, c in sent])
+        again = self._renew_only(sent, replies)
+        if again:
+            more = await _io.apool_roundtrip(self.client, [c for _, c in again])
+            for (i, command), reply in zip(again, more, strict=True):
+                sent[i], replies[i] = (sent[i][0], command), reply
+        self._heartbeat_outcome(sent, replies)
 
     async def _heartbeat_loop(self) -> None:
         interval_s = self.config.heartbeat_interval_ms / 1000

@@ -197,6 +197,7 @@ class Consumer(_ConsumerBase):
                     self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                     raise
                 replies = self._carried(carry, raw)
+                plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
                     self._warn_recreate()
                     self._setup()
@@ -312,7 +313,13 @@ class Consumer(_ConsumerBase):
 
     def _beat(self) -> None:
         sent = self._heartbeat_commands()
-        self._heartbeat_outcome(sent, _io.pool_roundtrip(self.client, [c for _, c in sent]))
+        replies = _io.pool_roundtrip(self.client, [c for _, c in sent])
+        again = self._renew_only(sent, replies)
+        if again:
+            more = _io.pool_roundtrip(self.client, [c for _, c in again])
+            for (i, command), reply in zip(again, more, strict=True):
+                sent[i], replies[i] = (sent[i][0], command), reply
+        self._heartbeat_outcome(sent, replies)
 
     def _heartbeat_loop(self) -> None:
         """Beats every heartbeat interval; also watches the handler's time limit."""
