@@ -181,7 +181,7 @@ class _ConsumerBase:
         self._readers: dict[tuple[str, int], Any] = {}
         self._asking: dict[int, Any] = {}
         self._paused: dict[int, int] = {}
-        self._retired = []
+        self._retired: list[Any] = []
         self._ready = False
         self._closed = False
         self._stopping = False
@@ -401,8 +401,6 @@ class _ConsumerBase:
         self._readers = {}
         self._retired = []
         return retired
-
-    _retired: list[Any] = []
 
     def _drain_s(self) -> float:
         """How long closing waits for reads in flight (they end within max_wait_ms)."""

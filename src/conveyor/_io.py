@@ -9,6 +9,7 @@ connection is closed and raised as ConnectionLost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar, cast
@@ -31,10 +32,10 @@ from conveyor.errors import (
 __all__ = [
     "LINK_ERRORS",
     "Plan",
+    "acluster_roundtrip",
     "apool_roundtrip",
     "aroundtrip",
     "arun_plan",
-    "acluster_roundtrip",
     "check_client",
     "cluster_roundtrip",
     "lost",
@@ -196,10 +197,9 @@ def _node_roundtrip(
 
 
 def _refresh(client: Any) -> None:
-    try:
+    # every node unreachable: the next attempt reads the map again
+    with contextlib.suppress(Exception):
         client.nodes_manager.initialize()
-    except Exception:  # every node unreachable: the next attempt reads the map again
-        pass
 
 
 def cluster_roundtrip(
@@ -255,10 +255,8 @@ async def ainitialized(client: Any) -> None:
 
 
 async def _arefresh(client: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await client.nodes_manager.initialize()
-    except Exception:
-        pass
 
 
 async def acluster_roundtrip(

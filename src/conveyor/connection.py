@@ -182,6 +182,22 @@ def connect(
     target = url
     if scheme in _REDIS_PY_SCHEME:
         target = _REDIS_PY_SCHEME[scheme] + url[url.index(":") :]
+    return _client(target, parts, shown, secrets, asyncio=asyncio, cluster=cluster, options=options)
+
+
+def _client(
+    target: str,
+    parts: SplitResult,
+    shown: str,
+    secrets: set[str],
+    *,
+    asyncio: bool,
+    cluster: bool | None,
+    options: dict[str, Any],
+) -> Any:
+    """The client for a checked server URL: a cluster client when the server says it runs in
+    cluster mode (or ``cluster`` says so), else a plain one."""
+    scheme = parts.scheme
     safe = _safe_options(options, asyncio=asyncio, unix=scheme == "unix")
     if cluster is None:
         cluster = scheme != "unix" and _runs_in_cluster_mode(target, options)

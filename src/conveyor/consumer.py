@@ -13,8 +13,8 @@ from typing import Any
 
 from conveyor import _io
 from conveyor._consumer_base import Handler, Outage, _ConsumerBase, default_consumer_name, now_ms
-from conveyor._core.machine import NEW, ReadPlan
 from conveyor._core import commands as cmd
+from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow, graceful
 from conveyor.async_consumer import AsyncConsumer
 from conveyor.errors import ConnectionLost
