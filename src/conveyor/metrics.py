@@ -236,6 +236,15 @@ class StreamMetrics:
         self._odd_dead_letters: set[str] = set()
         self.registry.register(self)
 
+    def use_client(self, client: Any) -> None:
+        """Collect with ``client`` from now on (the caller closes the previous one).
+
+        >>> metrics.use_client(conveyor.connect(url, cluster=True))   # doctest: +SKIP
+        """
+        self.client = client
+        for monitor in self.monitors:
+            monitor.client = client
+
     def refresh(self) -> list[_Reading]:
         """Take a snapshot of every stream now; keep and return them."""
         readings = [self._read(m) for m in self.monitors]

@@ -16,8 +16,7 @@ from contextlib import contextmanager
 from typing import IO, Any, TypeVar
 
 import click
-import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 import conveyor
 from conveyor.cli import _logging
@@ -55,9 +54,11 @@ class _Group(click.Group):
     """A click group that turns conveyor, Redis and OS errors into one ``error:`` line."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # RedisClusterException: the cluster client's own errors (a slot no node serves, no
+        # node reachable), which are not RedisErrors
         try:
             return super().invoke(ctx)
-        except (ConveyorError, RedisError, OSError) as exc:
+        except (ConveyorError, RedisError, RedisClusterException, OSError) as exc:
             log.debug("command failed", exc_info=True)
             raise CliError(_one_line(exc, ctx.meta.get(_SECRETS, set()))) from None
 
@@ -141,8 +142,9 @@ def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
     return decorate
 
 
-def open_client(url: str | None) -> redis.Redis:
-    """A client for ``url`` (see ``conveyor.connect``) that has answered PING.
+def open_client(url: str | None) -> Any:
+    """A client for ``url`` (see ``conveyor.connect``: a cluster client for a cluster node's
+    URL) that has answered PING (on a cluster, every node has).
 
     A server that cannot be reached raises CliError naming the URL, without its password.
 
@@ -151,7 +153,7 @@ def open_client(url: str | None) -> redis.Redis:
     client = conveyor.connect(url)
     try:
         client.ping()
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         log.debug("PING failed", exc_info=True)
         client.close()
         shown = redact_url(url or DEFAULT_URL)

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import click
-import redis
 from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +23,7 @@ from conveyor.connection import redact_url
 from conveyor.monitor import DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT_MS, DEFAULT_IDLE_THRESHOLD_MS
 
 __all__ = [
+    "Client",
     "check_url",
     "client_for",
     "confirm",
@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: a redis.Redis, or a redis.cluster.RedisCluster for a cluster node's URL: the commands call
+#: only the methods both have (the cluster client sends each to the node of its key)
+Client = Any
 
 #: the table's width when stdout is not a terminal (a pipe, a CI log): ids must not wrap
 PIPE_WIDTH = 200
@@ -105,8 +109,9 @@ def check_url(url: str | None) -> None:
 
 
 @contextmanager
-def client_for(url: str | None) -> Iterator[redis.Redis]:
-    """A client that answered PING, closed after the block."""
+def client_for(url: str | None) -> Iterator[Client]:
+    """A client that answered PING (a redis.Redis, or a RedisCluster for a cluster node's URL),
+    closed after the block."""
     check_url(url)
     client = open_client(url)
     try:
@@ -115,7 +120,7 @@ def client_for(url: str | None) -> Iterator[redis.Redis]:
         client.close()
 
 
-def groups_of(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
+def groups_of(client: Client, stream: str) -> list[dict[str, Any]]:
     """XINFO GROUPS of ``stream`` with text names and ids; CliError when the stream is missing."""
     try:
         rows: Any = client.xinfo_groups(stream)
@@ -129,7 +134,7 @@ def groups_of(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
     ]
 
 
-def group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+def group_info(client: Client, stream: str, group: str) -> dict[str, Any]:
     """The XINFO GROUPS row of ``group``; CliError naming the groups there are when it is not."""
     rows = groups_of(client, stream)
     for row in rows:

@@ -12,12 +12,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
-import redis
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
+    ClusterError,
+    RedisClusterException,
     RedisError,
+    TryAgainError,
 )
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
@@ -27,13 +30,14 @@ from redis.exceptions import (
 )
 
 import conveyor
+from conveyor._cluster import is_cluster
 from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import CliError, _one_line
 from conveyor.cli._common import check_url
 from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
-from conveyor.errors import ConnectionLost
+from conveyor.errors import ConnectionLost, ConveyorError
 
-__all__ = ["ServerWatch", "is_outage", "shown_url", "wait_for_server"]
+__all__ = ["ServerWatch", "as_cluster_client", "is_outage", "shown_url", "wait_for_server"]
 
 log = logging.getLogger("conveyor.cli")
 
@@ -49,7 +53,9 @@ def shown_url(url: str | None) -> str:
 
 def is_outage(exc: BaseException) -> bool:
     """The server cannot be reached now but may be later: refused, reset, timed out, still
-    loading its data. A refused password or database is not an outage.
+    loading its data; on a cluster also CLUSTERDOWN, TRYAGAIN, redirects that did not settle
+    and the cluster client's own errors (a slot no node serves, no node reachable). A refused
+    password or database is not an outage.
 
     >>> is_outage(RedisConnectionError("Error 111 connecting")), is_outage(AuthenticationError())
     (True, False)
@@ -58,7 +64,16 @@ def is_outage(exc: BaseException) -> bool:
         return False
     if isinstance(exc, RedisConnectionError) and "Invalid Database" in str(exc):
         return False
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionLost | OSError)
+    return isinstance(
+        exc,
+        RedisConnectionError
+        | RedisTimeoutError
+        | ConnectionLost
+        | OSError
+        | ClusterError  # ClusterDownError, and redirects beyond the client's limit
+        | TryAgainError
+        | RedisClusterException,  # not a RedisError
+    )
 
 
 class ServerWatch:
@@ -85,11 +100,10 @@ class ServerWatch:
             log.info("connected to the server at %s", self.where)
 
 
-def wait_for_server(
-    url: str | None, *, stopping: threading.Event | None = None
-) -> redis.Redis | None:
-    """A client for ``url`` that has answered PING, once the server answers; None when
-    ``stopping`` was set first. Between attempts it waits 0.1 s, doubling to 5 s.
+def wait_for_server(url: str | None, *, stopping: threading.Event | None = None) -> Any:
+    """A client for ``url`` that has answered PING, once the server answers (a cluster client
+    when it runs in cluster mode); None when ``stopping`` was set first. Between attempts it
+    waits 0.1 s, doubling to 5 s.
 
     >>> client = wait_for_server("redis://localhost:6379/0")   # doctest: +SKIP
     """
@@ -101,7 +115,7 @@ def wait_for_server(
     while stopping is None or not stopping.is_set():
         try:
             client.ping()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             if not is_outage(exc):
                 client.close()
                 raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
@@ -111,6 +125,36 @@ def wait_for_server(
             sleep(reconnect_delay_ms(attempt) / 1000)
             continue
         watch.back()
-        return client
+        chosen = as_cluster_client(client, url)
+        if chosen is not client:
+            client.close()
+        return chosen
     client.close()
     return None
+
+
+def as_cluster_client(client: Any, url: str | None) -> Any:
+    """``client``, or a new cluster client for ``url`` when ``client`` is a plain client of a
+    server that runs in cluster mode (the caller closes the one it no longer uses).
+
+    ``connect()`` asks the server which client to make; one that could not be reached then (a
+    long-running command started before its cluster was up) got a plain client, which would
+    be redirected for every key of another node. Call it once the server answers.
+
+    >>> client = as_cluster_client(client, url)   # doctest: +SKIP
+    """
+    if is_cluster(client):
+        return client
+    try:
+        info: Any = client.info("cluster")
+        enabled = str(info.get("cluster_enabled", 0)) == "1"
+    except RedisError:
+        return client  # no INFO for us (an ACL): keep what connect() made
+    if not enabled:
+        return client
+    try:
+        cluster = conveyor.connect(url, cluster=True)
+    except ConveyorError:
+        return client  # e.g. a unix socket: stay on the one node
+    log.info("the server at %s runs in cluster mode: using a cluster client", shown_url(url))
+    return cluster

@@ -15,12 +15,12 @@ from types import FrameType
 from typing import Any
 
 import click
-import redis
 
 from conveyor import Consumer, Message
 from conveyor._core.commands import as_text
 from conveyor.cli import EXIT_INTERRUPTED, CliError, main, redis_options
 from conveyor.cli._common import (
+    Client,
     client_for,
     group_info,
     group_option,
@@ -51,7 +51,7 @@ class _Reader:
     smaller size.
     """
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, **options: Any) -> None:
+    def __init__(self, client: Client, stream: str, group: str, **options: Any) -> None:
         self._args = (client, stream, group)
         self._options = options
         self.consumer = Consumer(*self._args, **options)
@@ -79,7 +79,7 @@ class _Peek:
     no consumer is made, no entry becomes pending, no delivery is counted, the group does not
     move. Each message comes with ``deliveries`` 0."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, max_wait_ms: int) -> None:
+    def __init__(self, client: Client, stream: str, group: str, max_wait_ms: int) -> None:
         self.client, self.stream = client, stream
         self.after = str(group_info(client, stream, group)["last-delivered-id"])
         self.max_wait_ms = max_wait_ms

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import click
-import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 import conveyor
 from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import CliError, _sigterm_as_interrupt, main, redis_options
 from conveyor.cli._common import check_url, status_options
-from conveyor.cli._wait import ServerWatch, is_outage
+from conveyor.cli._wait import ServerWatch, as_cluster_client, is_outage
+
+if TYPE_CHECKING:
+    from conveyor.metrics import StreamMetrics
 
 log = logging.getLogger("conveyor.cli")
 
@@ -130,25 +133,33 @@ def exporter(
         try:
             with _sigterm_as_interrupt():
                 metrics.start()
-                _check_server(client, ServerWatch(url))
+                _check_server(metrics, url, ServerWatch(url))
         except KeyboardInterrupt:
             log.info("stopped")
         finally:
             server.shutdown()
     finally:
         metrics.stop()
-        client.close()
+        metrics.client.close()
+        if metrics.client is not client:
+            client.close()
 
 
-def _check_server(client: redis.Redis, watch: ServerWatch) -> None:
+def _check_server(metrics: StreamMetrics, url: str | None, watch: ServerWatch) -> None:
     """PING the server for ever: with a capped backoff while it cannot be reached, every few
     seconds while it answers. A refusal that waiting cannot fix (a wrong password) ends the
-    exporter."""
+    exporter. Once it first answers, a server in cluster mode gets a cluster client, if
+    connect() could not tell before."""
     attempt = 0
+    asked = False
     while True:
+        client = metrics.client
         try:
             client.ping()
-        except RedisError as exc:
+            if not asked:
+                asked = True
+                metrics.use_client(as_cluster_client(client, url))
+        except (RedisError, RedisClusterException) as exc:
             if not is_outage(exc):
                 raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
             watch.lost(exc, "serving conveyor_up 0 until it answers")

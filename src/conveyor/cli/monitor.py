@@ -10,8 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import click
-import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console, Group
 from rich.text import Text
 
@@ -20,6 +19,7 @@ from conveyor._core import status
 from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import _SECRETS, CliError, _one_line, _sigterm_as_interrupt, main, redis_options
 from conveyor.cli._common import (
+    Client,
     check_url,
     client_for,
     echo_json,
@@ -29,14 +29,14 @@ from conveyor.cli._common import (
     status_options,
     stream_option,
 )
-from conveyor.cli._wait import ServerWatch, is_outage
+from conveyor.cli._wait import ServerWatch, as_cluster_client, is_outage
 from conveyor.errors import ConveyorError
 from conveyor.models import UNKNOWN, CleanupReport, Health
 from conveyor.monitor import Monitor, Snapshot
 
 _HEALTH_STYLES = {0: "green", 1: "yellow", 2: "bold red", 3: "magenta"}
 #: what keeps a verdict from being reached: the command ends with UNKNOWN
-_NO_VERDICT = (CliError, ConveyorError, RedisError, OSError)
+_NO_VERDICT = (CliError, ConveyorError, RedisError, RedisClusterException, OSError)
 
 
 class Unknown(CliError):
@@ -192,7 +192,7 @@ def monitor(
       conveyor monitor -s orders -g billing --cleanup
     """
 
-    def make(client: redis.Redis) -> Monitor:
+    def make(client: Client) -> Monitor:
         return Monitor(
             client,
             stream,
@@ -237,7 +237,7 @@ def monitor(
     ctx.exit(health.code)
 
 
-def _check_exists(client: redis.Redis, stream: str, group: str | None) -> None:
+def _check_exists(client: Client, stream: str, group: str | None) -> None:
     """A missing stream or group is an error that says so (and which groups there are)."""
     if group is None:
         groups_of(client, stream)
@@ -291,7 +291,7 @@ class _Pace:
 
 def _watch(
     url: str | None,
-    make: Callable[[redis.Redis], Monitor],
+    make: Callable[[Client], Monitor],
     interval_s: float,
     *,
     as_json: bool,
@@ -299,7 +299,8 @@ def _watch(
 ) -> None:
     """Refresh until Ctrl-C or SIGTERM. On a terminal, a live display; in a pipe, one
     snapshot after the other (JSON lines with --json). While the server cannot be reached
-    (not up yet, or gone) the verdict is UNKNOWN, said once in the log."""
+    (not up yet, or gone) the verdict is UNKNOWN, said once in the log. Once it first
+    answers, a server in cluster mode gets a cluster client, if connect() could not tell."""
     from rich.live import Live
 
     check_url(url)
@@ -307,18 +308,31 @@ def _watch(
     client = conveyor.connect(url)
     watcher, server = make(client), ServerWatch(url)
     pace = _Pace(interval_s, server)
+    asked = False
+
+    def look() -> tuple[Snapshot | None, Health]:
+        nonlocal client, watcher, asked
+        seen = _look(watcher, server)
+        if asked or server.down:
+            return seen
+        asked = True
+        chosen = as_cluster_client(client, url)
+        if chosen is client:
+            return seen
+        client.close()
+        client, watcher = chosen, make(chosen)
+        return _look(watcher, server)
+
     try:
         with _sigterm_as_interrupt(), quiet_broken_pipe():
             if as_json or not console.is_terminal:
                 while True:
-                    _print_once(*_look(watcher, server), as_json=as_json, as_rich=as_rich)
+                    _print_once(*look(), as_json=as_json, as_rich=as_rich)
                     pace.sleep()
-            with Live(
-                _view(*_look(watcher, server), as_rich=as_rich), console=console, auto_refresh=False
-            ) as live:
+            with Live(_view(*look(), as_rich=as_rich), console=console, auto_refresh=False) as live:
                 while True:
                     pace.sleep()
-                    live.update(_view(*_look(watcher, server), as_rich=as_rich), refresh=True)
+                    live.update(_view(*look(), as_rich=as_rich), refresh=True)
     except KeyboardInterrupt:
         pass
     finally:

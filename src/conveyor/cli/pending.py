@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-import redis
 from rich.table import Table
 
 from conveyor._core.commands import as_text
 from conveyor.cli import main, redis_options
 from conveyor.cli._common import (
+    Client,
     client_for,
     echo_json,
     entries,
@@ -49,7 +49,7 @@ class Pending:
 
 
 def read_pending(
-    client: redis.Redis,
+    client: Client,
     stream: str,
     group: str,
     *,
@@ -159,7 +159,7 @@ def pending(
 
 
 def _candidates(
-    client: redis.Redis,
+    client: Client,
     stream: str,
     group: str,
     *,

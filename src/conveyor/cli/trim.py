@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-import redis
 from redis.exceptions import ResponseError
 
 from conveyor._core.commands import as_text
 from conveyor.cli import CliError, main, redis_options
 from conveyor.cli._common import (
+    Client,
     client_for,
     confirm,
     echo_json,
@@ -100,7 +100,7 @@ class LengthTrim:
         return f"{text}, never to be processed: {lost}"
 
 
-def _boundary(client: redis.Redis, stream: str, keep: int, low: tuple[int, int]) -> str | None:
+def _boundary(client: Client, stream: str, keep: int, low: tuple[int, int]) -> str | None:
     """The id of the oldest entry ``XTRIM MAXLEN keep`` keeps, walking back from the newest;
     None once the walk passes ``low`` (no entry of interest is cut) or the stream's start."""
     seen, start = 0, "+"
@@ -118,7 +118,7 @@ def _boundary(client: redis.Redis, stream: str, keep: int, low: tuple[int, int])
         start = "(" + oldest
 
 
-def _count_between(client: redis.Redis, stream: str, after: str, before: str) -> tuple[int, bool]:
+def _count_between(client: Client, stream: str, after: str, before: str) -> tuple[int, bool]:
     """Entries with ``after < id < before``, counted up to ``_COUNT_LIMIT``."""
     counted, start = 0, "(" + after
     while counted < _COUNT_LIMIT:
@@ -130,7 +130,7 @@ def _count_between(client: redis.Redis, stream: str, after: str, before: str) ->
     return counted, True
 
 
-def _pending_before(client: redis.Redis, stream: str, group: str, first: str, before: str) -> int:
+def _pending_before(client: Client, stream: str, group: str, first: str, before: str) -> int:
     """Pending entries with ``first <= id < before``: entries below the stream's first one
     are gone already (trimmed or deleted while pending), a trim cannot take them."""
     counted, start = 0, first
@@ -142,7 +142,7 @@ def _pending_before(client: redis.Redis, stream: str, group: str, first: str, be
         start = "(" + as_text(rows[-1]["message_id"])
 
 
-def length_trim_plan(client: redis.Redis, stream: str, maxlen: int) -> LengthTrim:
+def length_trim_plan(client: Client, stream: str, maxlen: int) -> LengthTrim:
     """What trimming ``stream`` to ``maxlen`` entries would cut, per group."""
     length = int(client.xlen(stream))
     groups = groups_of(client, stream)
