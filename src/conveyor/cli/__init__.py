@@ -144,7 +144,7 @@ def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
 
 def open_client(url: str | None) -> Any:
     """A client for ``url`` (see ``conveyor.connect``: a cluster client for a cluster node's
-    URL) that has answered PING (on a cluster, every node has).
+    URL) that has answered PING (on a cluster, one node has: each command then reaches its own).
 
     A server that cannot be reached raises CliError naming the URL, without its password.
 

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.exceptions import (
     AuthenticationError,
@@ -20,6 +21,7 @@ from redis.exceptions import (
     ClusterError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import (
@@ -124,8 +126,12 @@ def wait_for_server(url: str | None, *, stopping: threading.Event | None = None)
             attempt += 1
             sleep(reconnect_delay_ms(attempt) / 1000)
             continue
-        watch.back()
         chosen = as_cluster_client(client, url)
+        if chosen is None:  # in cluster mode, and its slot map cannot be read yet
+            attempt += 1
+            sleep(reconnect_delay_ms(attempt) / 1000)
+            continue
+        watch.back()
         if chosen is not client:
             client.close()
         return chosen
@@ -133,28 +139,34 @@ def wait_for_server(url: str | None, *, stopping: threading.Event | None = None)
     return None
 
 
-def as_cluster_client(client: Any, url: str | None) -> Any:
-    """``client``, or a new cluster client for ``url`` when ``client`` is a plain client of a
-    server that runs in cluster mode (the caller closes the one it no longer uses).
+def as_cluster_client(client: Any, url: str | None) -> Any | None:
+    """The client to use for ``url`` now that its server answers: ``client``, or a new cluster
+    client when ``client`` is a plain client of a server in cluster mode (the caller closes
+    the one it no longer uses); None when that cannot be told yet (the server went away
+    again, or the cluster has not formed): ask again later.
 
     ``connect()`` asks the server which client to make; one that could not be reached then (a
     long-running command started before its cluster was up) got a plain client, which would
-    be redirected for every key of another node. Call it once the server answers.
+    be redirected for every key of another node.
 
-    >>> client = as_cluster_client(client, url)   # doctest: +SKIP
+    >>> client = as_cluster_client(client, url) or client   # doctest: +SKIP
     """
     if is_cluster(client):
         return client
     try:
         info: Any = client.info("cluster")
-        enabled = str(info.get("cluster_enabled", 0)) == "1"
-    except RedisError:
+    except ResponseError:
         return client  # no INFO for us (an ACL): keep what connect() made
-    if not enabled:
+    except RedisError:
+        return None
+    if str(info.get("cluster_enabled", 0)) != "1":
         return client
+    if urlsplit(_effective(url)).scheme == "unix":
+        return client  # a cluster is reached over TCP: stay on the one node
     try:
         cluster = conveyor.connect(url, cluster=True)
-    except ConveyorError:
-        return client  # e.g. a unix socket: stay on the one node
+    except (ConveyorError, RedisError, RedisClusterException) as exc:
+        log.debug("no cluster client yet: %s", _one_line(exc, secrets_in_url(_effective(url))))
+        return None  # its slot map cannot be read yet
     log.info("the server at %s runs in cluster mode: using a cluster client", shown_url(url))
     return cluster

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from redis.exceptions import RedisClusterException, RedisError
 
 import conveyor
+from conveyor._cluster import is_cluster
 from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import CliError, _sigterm_as_interrupt, main, redis_options
 from conveyor.cli._common import check_url, status_options
@@ -145,6 +146,15 @@ def exporter(
             client.close()
 
 
+def _ping(client: Any) -> None:
+    """PING the server; on a cluster every primary (a cluster client's PING asks one node),
+    so a node that went away is said once, not only seen as its streams' conveyor_up 0."""
+    if is_cluster(client):
+        client.ping(target_nodes=client.PRIMARIES)
+    else:
+        client.ping()
+
+
 def _check_server(metrics: StreamMetrics, url: str | None, watch: ServerWatch) -> None:
     """PING the server for ever: with a capped backoff while it cannot be reached, every few
     seconds while it answers. A refusal that waiting cannot fix (a wrong password) ends the
@@ -155,10 +165,12 @@ def _check_server(metrics: StreamMetrics, url: str | None, watch: ServerWatch) -
     while True:
         client = metrics.client
         try:
-            client.ping()
+            _ping(client)
             if not asked:
-                asked = True
-                metrics.use_client(as_cluster_client(client, url))
+                chosen = as_cluster_client(client, url)
+                if chosen is not None:
+                    asked = True
+                    metrics.use_client(chosen)
         except (RedisError, RedisClusterException) as exc:
             if not is_outage(exc):
                 raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None

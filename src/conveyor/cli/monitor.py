@@ -315,8 +315,10 @@ def _watch(
         seen = _look(watcher, server)
         if asked or server.down:
             return seen
-        asked = True
         chosen = as_cluster_client(client, url)
+        if chosen is None:
+            return seen  # the next look asks again
+        asked = True
         if chosen is client:
             return seen
         client.close()
