@@ -216,7 +216,8 @@ def _client(
         raise _config_error(
             f"bad Redis URL or option for {shown}: {_error_text(exc, secrets)}"
         ) from None
-    except redis.exceptions.RedisError as exc:  # a cluster client reads the slot map at once
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        # a cluster client reads the slot map at once
         raise _config_error(
             f"cannot reach the Redis Cluster at {shown}: {_error_text(exc, secrets)}"
         ) from None
