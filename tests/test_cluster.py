@@ -74,7 +74,7 @@ def test_a_plain_client_on_a_cluster_node_says_to_pass_a_cluster_client(cl: Clus
     plain = conveyor.connect(cl.urls[0], cluster=False)
     stream = next(s for s in spread(cl) if cl.node_for_key(s) != 0)
     try:
-        with pytest.raises(ConfigError, match="Redis Cluster node.*pass a cluster client"):
+        with pytest.raises(ConfigError, match=r"Redis Cluster node.*pass a cluster client"):
             Producer(plain, stream).send({"a": "1"})
     finally:
         plain.close()
@@ -128,7 +128,8 @@ def test_an_empty_wait_blocks_on_every_node_at_once(cl: Cluster) -> None:
     wait_for(lambda: all(blocked_on(i) for i in range(3)), "a blocked reader on every node")
     thread.join(60)
     assert got == [[]] or [list(b) for b in got] == [[]]
-    reads = [command_calls(r, "xreadgroup", s) - n for s, n in zip(streams, reads_before)]
+    pairs = zip(streams, reads_before, strict=True)
+    reads = [command_calls(r, "xreadgroup", s) - n for s, n in pairs]
     assert all(n <= 2 for n in reads), reads  # one blocking read per node, no busy loop
     c.close()
     r.close()
@@ -154,7 +155,7 @@ def test_batches_never_exceed_their_size_and_nothing_is_handed_out_twice(
 def test_a_dead_letter_stream_in_another_slot_is_a_config_error(cl: Cluster) -> None:
     r = conveyor.connect(cl.urls[0])
     try:
-        with pytest.raises(ConfigError, match="'dlq' is in hash slot .* and stream 'orders'"):
+        with pytest.raises(ConfigError, match=r"'dlq' is in hash slot .* and stream 'orders'"):
             conveyor.Consumer(r, "orders", "g", dead_letter="dlq")
         conveyor.Consumer(r, "orders", "g", dead_letter="{orders}:dlq").close()
     finally:
