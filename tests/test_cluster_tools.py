@@ -13,6 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -134,10 +135,10 @@ class Twins:
     """The sync tools on a cluster client made from ``url``, or their asyncio twins driven
     through an event loop of their own, with the same (blocking) methods."""
 
-    def __init__(self, kind: str, url: str) -> None:
+    def __init__(self, kind: str, url: str, **options: Any) -> None:
         self.kind = kind
         self.loop = asyncio.new_event_loop() if kind == "async" else None
-        self.client: Any = conveyor.connect(url, asyncio=kind == "async")
+        self.client: Any = conveyor.connect(url, asyncio=kind == "async", **options)
 
     def _wrap(self, target: Any) -> Any:
         return target if self.loop is None else _Blocking(target, self.loop)
@@ -179,12 +180,12 @@ class _Blocking:
 
 
 @pytest.fixture(params=["sync", "async"])
-def twins(request: pytest.FixtureRequest, cluster: Any) -> Iterator[Callable[[str], Twins]]:
-    """``twins(url)``: Twins of the test's kind on a cluster client from ``url``."""
+def twins(request: pytest.FixtureRequest, cluster: Any) -> Iterator[Callable[..., Twins]]:
+    """``twins(url, **options)``: Twins of the test's kind on a cluster client from ``url``."""
     made: list[Twins] = []
 
-    def make(url: str) -> Twins:
-        made.append(Twins(request.param, url))
+    def make(url: str, **options: Any) -> Twins:
+        made.append(Twins(request.param, url, **options))
         return made[-1]
 
     yield make
@@ -205,7 +206,7 @@ def test_the_client_is_a_cluster_client_from_any_node(cluster_url: str, cluster:
 
 
 def test_monitor_judges_streams_on_every_node_from_a_node_that_does_not_own_them(
-    twins: Callable[[str], Twins], cluster: Any, spread: list[str]
+    twins: Callable[..., Twins], cluster: Any, spread: list[str]
 ) -> None:
     assert sorted(cluster.node_for_key(s) for s in spread) == [0, 1, 2]
     for stream in spread:
@@ -219,7 +220,7 @@ def test_monitor_judges_streams_on_every_node_from_a_node_that_does_not_own_them
 
 
 def test_monitor_cleanup_moves_a_dead_consumers_entries_on_its_node(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     stream = on_node(cluster, 2, "cleanup")
     busy_stream(rc, stream)  # w1 holds HELD entries
@@ -270,11 +271,39 @@ def test_a_cluster_client_of_the_wrong_kind_names_the_twin(cluster_url: str) -> 
         client.close()
 
 
+CLIENTS = {
+    "bytes": {},
+    "str": {"decode_responses": True},
+    "resp3": {"protocol": 3},
+    "resp3-str": {"protocol": 3, "decode_responses": True},
+}
+
+
+@pytest.mark.parametrize("options", CLIENTS.values(), ids=list(CLIENTS))
+def test_every_kind_of_cluster_client(
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster, options: dict[str, Any]
+) -> None:
+    stream = on_node(cluster, 1, "kinds")
+    busy_stream(rc, stream)
+    rc.xadd(dead_letter_key(stream), letter_from(stream, "1-0", {"order_id": "42"}))
+    tools = twins(elsewhere(cluster, stream), **options)
+
+    group = tools.monitor(stream).collect().group()
+    decision = tools.scaler(stream, GROUP).decide()
+    (letter,) = tools.dead_letters(stream).list()
+    planned = tools.safe_trim(stream, dry_run=True)
+
+    assert (group.lag, group.pending, group.consumer("w1").pending) == (ENTRIES - HELD, HELD, HELD)
+    assert (decision.sample.lag, decision.sample.pending) == (ENTRIES - HELD, HELD)
+    assert (letter.origin_stream, letter.fields) == (stream, {"order_id": "42"})
+    assert planned.trimmed == 0 and planned.held_by == GROUP
+
+
 # -- Scaler ------------------------------------------------------------------------------------
 
 
 def test_scaler_decides_from_a_node_that_does_not_own_the_stream(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     stream = on_node(cluster, 2, "scale")
     busy_stream(rc, stream)
@@ -297,7 +326,7 @@ def test_scaler_decides_from_a_node_that_does_not_own_the_stream(
 
 
 def test_dead_letters_list_replay_and_purge_on_the_streams_own_dead_letter_stream(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     stream = on_node(cluster, 1, "dlq")
     assert key_slot(dead_letter_key(stream)) == key_slot(stream)
@@ -322,7 +351,7 @@ def test_dead_letters_list_replay_and_purge_on_the_streams_own_dead_letter_strea
 
 
 def test_letters_naming_an_origin_in_another_slot_are_replayed_there(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     """Replay is an XADD to the origin, then an XDEL here (never one transaction), so origins
     in other slots, on other nodes, keep the same guarantee: a duplicate, never a loss."""
@@ -343,7 +372,7 @@ def test_letters_naming_an_origin_in_another_slot_are_replayed_there(
 
 
 def test_a_named_dead_letter_stream_on_another_node(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     stream = on_node(cluster, 0, "named")
     named = on_node(cluster, 2, "named-dead")
@@ -360,7 +389,7 @@ def test_a_named_dead_letter_stream_on_another_node(
 
 
 def test_safe_trim_removes_what_every_group_is_done_with(
-    twins: Callable[[str], Twins], cluster: Any, rc: RedisCluster
+    twins: Callable[..., Twins], cluster: Any, rc: RedisCluster
 ) -> None:
     stream = on_node(cluster, 2, "trim")
     ids = busy_stream(rc, stream)
@@ -592,3 +621,26 @@ def test_cli_exporter_serves_the_groups_of_streams_on_every_node(
         assert sample(metrics, "conveyor_up", stream=stream) == 1
         assert sample(metrics, "conveyor_group_lag", stream=stream, group=GROUP) == ENTRIES - HELD
         assert sample(metrics, "conveyor_group_pending", stream=stream, group=GROUP) == HELD
+
+
+def test_cli_monitor_watch_json_follows_a_stream_on_another_node(
+    cluster: Any, rc: RedisCluster, started: list[subprocess.Popen[str]]
+) -> None:
+    stream = on_node(cluster, 2, "cli-watch")
+    busy_stream(rc, stream)
+    args = ("monitor", "-s", stream, "--watch", "--json", "--interval", "0.2")
+    proc = start(started, *args, "--url", elsewhere(cluster, stream), env=_env())
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline())
+    rc.xreadgroup(GROUP, "w2", {stream: ">"}, count=1)
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:  # each line a fresh snapshot: until one shows the new consumer
+        line = json.loads(proc.stdout.readline())
+        if len(line["groups"][0]["consumers"]) == 2:
+            break
+        assert time.monotonic() < deadline, "no snapshot showed consumer w2"
+    returncode, err = stop(proc)
+
+    assert first["groups"][0]["lag"] == ENTRIES - HELD and first["health"]["code"] == 0
+    assert line["groups"][0]["lag"] == ENTRIES - HELD - 1
+    assert returncode == 0 and "Traceback" not in err
