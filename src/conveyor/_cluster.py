@@ -23,10 +23,11 @@ from typing import Any
 
 import redis.asyncio.cluster
 import redis.cluster
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, MovedError, SlotNotCoveredError
 
 from conveyor._core.commands import Command, command_key
 from conveyor._keys import key_slot
+from conveyor.errors import ConnectionLost
 
 __all__ = [
     "MAX_REDIRECTS",
@@ -63,8 +64,16 @@ def node_name(node: Any) -> str:
 
 
 def node_for_key(client: Any, key: Any) -> Any:
-    """The primary that owns ``key``'s slot in ``client``'s slot map."""
-    return client.nodes_manager.get_node_from_slot(key_slot(_encoded(key)))
+    """The primary that owns ``key``'s slot in ``client``'s slot map; ConnectionLost (an
+    outage) while no node serves the slot."""
+    slot = key_slot(_encoded(key))
+    nodes = client.nodes_manager.slots_cache.get(slot)
+    if nodes:  # the map's entry, without get_node_from_slot's per-call argument checks
+        return nodes[0]
+    try:
+        return client.nodes_manager.get_node_from_slot(slot)
+    except SlotNotCoveredError as exc:
+        raise ConnectionLost(f"no node of the cluster serves slot {slot} now: {exc}") from exc
 
 
 def primaries(client: Any) -> list[Any]:

@@ -307,13 +307,25 @@ class _ConsumerBase:
 
     def _plan_units(self) -> None:
         if self._cluster:
-            self._machine.set_units([streams for _, streams in self._units().values()])
+            units = self._units()
+            self._machine.set_units([streams for _, streams in units.values()])
+            self._unit_by_stream = {
+                s: (key, node, key[1] in self._asking)
+                for key, (node, streams) in units.items()
+                for s in streams
+            }
+
+    _unit_by_stream: dict[str, tuple[tuple[str, int], Any, bool]] = {}  # noqa: RUF012
 
     def _unit_of(self, command: cmd.Command) -> tuple[tuple[str, int], Any, bool]:
         """The unit key, node and whether ASKING goes first, for one XREADGROUP."""
-        slot = key_slot(cmd.command_key(command))
+        stream = command[command.index("STREAMS") + 1]
+        known = self._unit_by_stream.get(stream)
+        if known is not None:
+            return known
+        slot = key_slot(stream)
         asking = self._asking.get(slot)
-        node = asking or _cluster.node_for_key(self.client, cmd.command_key(command))
+        node = asking or _cluster.node_for_key(self.client, stream)
         return (_cluster.node_name(node), slot), node, asking is not None
 
     def _unit_reader(self, key: tuple[str, int], node: Any) -> Any:

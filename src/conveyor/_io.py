@@ -193,7 +193,8 @@ def _node_roundtrip(
 ) -> list[Any]:
     if connection_for is not None:
         return roundtrip(connection_for(node), commands)
-    return pool_roundtrip(client.get_redis_connection(node), commands)
+    redis_node = node.redis_connection or client.get_redis_connection(node)
+    return pool_roundtrip(redis_node, commands)
 
 
 def _refresh(client: Any) -> None:
