@@ -197,3 +197,25 @@ def test_a_stale_slot_map_is_refreshed_and_nothing_is_lost(cl: Cluster) -> None:
     c.ack_many(got)
     c.close()
     r.close()
+
+
+def test_a_user_without_info_gets_a_plain_client_unless_cluster_is_given(cl: Cluster) -> None:
+    user = "noinfo-" + uuid.uuid4().hex[:6]
+    for i in range(3):  # ACL users are per node
+        cl.admin(i).execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-info")
+    url = cl.urls[0].replace("redis://", f"redis://{user}:pw@")
+    try:
+        guessed = conveyor.connect(url)
+        assert type(guessed) is redis.Redis  # could not ask: taken for a plain server
+        guessed.close()
+        forced = conveyor.connect(url, cluster=True)
+        try:
+            assert isinstance(forced, redis.cluster.RedisCluster)
+            stream = spread(cl)[2]
+            msg_id = Producer(forced, stream).send({"a": "1"})
+            assert forced.xrange(stream)[0][0].decode() == msg_id
+        finally:
+            forced.close()
+    finally:
+        for i in range(3):
+            cl.admin(i).execute_command("ACL", "DELUSER", user)
