@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conveyor._core.commands import as_text
+from conveyor._io import server_error
 from conveyor.cli import CliError, open_client
 from conveyor.connection import redact_url
 from conveyor.monitor import DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT_MS, DEFAULT_IDLE_THRESHOLD_MS
@@ -127,7 +128,8 @@ def groups_of(client: Client, stream: str) -> list[dict[str, Any]]:
     except ResponseError as exc:
         if "no such key" in str(exc).lower():
             raise CliError(f"stream {stream!r} does not exist") from None
-        raise
+        # the code word (CLUSTERDOWN, WRONGTYPE ...) back in the text, the stream named
+        raise server_error(exc, f"XINFO GROUPS on stream {stream!r}", client) from None
     return [
         {key: as_text(value) if isinstance(value, bytes) else value for key, value in row.items()}
         for row in rows
