@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ from conveyor._keys import dead_letter_key, heartbeat_key, key_slot
 from conveyor.cli._wait import as_cluster_client
 from conveyor.metrics import StreamMetrics
 from conveyor.retention import async_safe_trim, safe_trim
+from tests.cluster import Cluster
 from tests.test_cli import TIMEOUT_S, _env, assert_clean_error
 from tests.test_cli_commands import free_port, sample, scrape, start, stop
 
@@ -644,3 +647,57 @@ def test_cli_monitor_watch_json_follows_a_stream_on_another_node(
     assert first["groups"][0]["lag"] == ENTRIES - HELD and first["health"]["code"] == 0
     assert line["groups"][0]["lag"] == ENTRIES - HELD - 1
     assert returncode == 0 and "Traceback" not in err
+
+
+def read_until(proc: subprocess.Popen[str], text: str) -> str:
+    """What ``proc`` wrote on stderr up to and including ``text`` (the rest is left for
+    ``communicate``)."""
+    assert proc.stderr is not None
+    fd, seen = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + TIMEOUT_S
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {text!r} on stderr: {seen.decode()}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"stderr closed before {text!r}: {seen.decode()}"
+            seen += chunk
+    return seen.decode()
+
+
+def test_a_node_that_went_away_is_one_line_and_the_exporter_keeps_serving(
+    started: list[subprocess.Popen[str]],
+) -> None:
+    """A cluster of this test's own, since a node is killed: the exporter says so once and
+    serves ``conveyor_up 0`` for the streams that node owned; one-shot commands print one
+    line."""
+    with Cluster(os.environ.get("CONVEYOR_TEST_SERVER") or None) as own:
+        client = RedisCluster.from_url(own.url, decode_responses=True)
+        try:
+            gone, kept = on_node(own, 2, "gone"), on_node(own, 1, "kept")
+            for stream in (gone, kept):
+                busy_stream(client, stream)
+        finally:
+            client.close()
+        port = free_port()
+        args = ("--port", str(port), "--addr", "127.0.0.1", "-s", gone, "-s", kept)
+        proc = start(started, "exporter", *args, "--url", own.urls[0], env=_env())
+        assert sample(scrape(port), "conveyor_up", stream=gone) == 1
+
+        own.kill(2)
+        metrics = scrape(port)
+        monitor = cli("monitor", "-s", gone, "--url", own.urls[0])
+        trim = cli("trim", "-s", gone, "--safe", "--url", own.urls[1])
+        said = read_until(proc, "cannot reach the server")
+        returncode, rest = stop(proc)
+
+    assert sample(metrics, "conveyor_up", stream=gone) == 0
+    assert sample(metrics, "conveyor_health", stream=gone) == status.UNKNOWN
+    err = said + rest
+    assert returncode == 0 and "Traceback" not in err
+    assert err.count("cannot reach the server") == 1, err
+    assert f":{own.ports[2]}" in err
+    for result in (monitor, trim):
+        assert_clean_error(result)
+        assert f":{own.ports[2]}" in result.stderr  # names the node that went away
+    assert monitor.returncode == 3
