@@ -219,3 +219,42 @@ def test_a_user_without_info_gets_a_plain_client_unless_cluster_is_given(cl: Clu
     finally:
         for i in range(3):
             cl.admin(i).execute_command("ACL", "DELUSER", user)
+
+
+def test_a_read_blocked_on_a_key_that_moves_goes_on_at_the_new_owner(
+    cdrivers: Drivers, cl: Cluster
+) -> None:
+    """A read blocked on a stream whose slot is migrated ends with -UNBLOCKED (Redis 7.0) or a
+    redirect (Valkey); the consumer reads on at the new owner and nothing reaches a handler
+    twice."""
+    stream = spread(cl)[0]
+    name = "moving-" + uuid.uuid4().hex[:6]
+    first = cdrivers.producer(stream).send({"n": "0"})
+    c = cdrivers.consumer(stream, "g", consumer=name, batch_size=1, max_wait_ms=30_000)
+    assert [m.id for m in c.get_batch()] == [first]
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(c.get_batch()), daemon=True)
+    thread.start()
+    source = cl.node_for_key(stream)
+
+    def blocked() -> bool:
+        node = cl.client(source)
+        try:
+            return any(
+                row.get("name") == f"conveyor:{name}" and "b" in row.get("flags", "")
+                for row in node.client_list()
+            )
+        finally:
+            node.close()
+
+    wait_for(blocked, "the consumer's read blocked on the stream's node")
+    slot = key_slot(stream)
+    migrate_slot(cl, slot, (source + 1) % 3)
+    r = conveyor.connect(cl.urls[source])
+    try:
+        second = Producer(r, stream).send({"n": "1"})
+    finally:
+        r.close()
+    thread.join(60)
+    assert [[m.id for m in b] for b in got] == [[second]]
+    c.ack_many(got[0])
