@@ -258,3 +258,30 @@ def test_a_read_blocked_on_a_key_that_moves_goes_on_at_the_new_owner(
     thread.join(60)
     assert [[m.id for m in b] for b in got] == [[second]]
     c.ack_many(got[0])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_node_lost_and_back_is_an_outage_and_run_goes_on(kind: str) -> None:
+    """A node SIGKILLed: the cluster answers CLUSTERDOWN, then the node comes back empty (no
+    persistence) and its stream's group is recreated. run() never ends by itself, and every
+    message written after the node is back is processed."""
+    import os
+
+    from tests.workers import Worker
+
+    with Cluster(os.environ.get("CONVEYOR_TEST_SERVER") or None, node_timeout_ms=1_000) as own:
+        streams = spread(own)
+        r = conveyor.connect(own.urls[0])
+        worker = Worker(kind, own.urls[0], streams, "g", max_wait_ms=200, heartbeat_ms=200)
+        worker.start()
+        before = {i for s in streams for i in Producer(r, s).send_many([{"n": "a"}] * 5)}
+        wait_for(lambda: worker.processed >= before, "the first messages processed")
+        own.kill(2)
+        survivor = own.client(0)
+        wait_for(lambda: survivor.cluster("info")["cluster_state"] == "fail", "CLUSTERDOWN")
+        survivor.close()
+        own.nodes[2].start()
+        own.wait_ok()
+        after = {i for s in streams for i in Producer(r, s).send_many([{"n": "b"}] * 5)}
+        worker.finish(after, "every message written after the node came back")
+        r.close()
