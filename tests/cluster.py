@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from redis.crc import key_slot
@@ -33,6 +33,7 @@ from redis.crc import key_slot
 from conveyor import EmbeddedServer
 from conveyor.errors import ServerNotFound
 from conveyor.server import find_server_binary
+from tests.sentinel import wait_for
 
 __all__ = [
     "SLOTS",
@@ -53,25 +54,6 @@ NODE_TIMEOUT_MS = 5000
 DEADLINE_S = 60.0
 #: attempts to start the nodes on fresh ports when a port was taken in the meantime
 START_ATTEMPTS = 3
-
-_T = TypeVar("_T")
-
-
-def wait_for(condition: Callable[[], _T | None], what: str, timeout_s: float = DEADLINE_S) -> _T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after
-    ``timeout_s``. Errors while polling (a node not ready yet) count as "not yet"."""
-    deadline = time.monotonic() + timeout_s
-    last: BaseException | None = None
-    while True:
-        try:
-            result = condition()
-            if result:
-                return result
-        except (redis.RedisError, OSError) as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} ({last!r})")
-        time.sleep(0.05)
 
 
 # -- ports ---------------------------------------------------------------------------------------

@@ -47,6 +47,18 @@ def spread(cl: Cluster, per_node: int = 1, prefix: str = "") -> list[str]:
     return [s for names in out.values() for s in names]
 
 
+def blocked(cl: Cluster, i: int, consumer: str) -> bool:
+    """True while node ``i`` holds a blocked read of ``consumer``'s (CLIENT LIST)."""
+    node = cl.client(i)
+    try:
+        return any(
+            row.get("name") == f"conveyor:{consumer}" and "b" in row.get("flags", "")
+            for row in node.client_list()
+        )
+    finally:
+        node.close()
+
+
 def test_connect_gives_a_cluster_client_from_any_node(cl: Cluster) -> None:
     for url in cl.urls:
         r = conveyor.connect(url)
@@ -115,17 +127,7 @@ def test_an_empty_wait_blocks_on_every_node_at_once(cl: Cluster) -> None:
     thread = threading.Thread(target=lambda: got.append(c.get_batch()), daemon=True)
     thread.start()
 
-    def blocked_on(i: int) -> bool:
-        node = cl.client(i)
-        try:
-            return any(
-                row.get("name") == f"conveyor:{name}" and "b" in row.get("flags", "")
-                for row in node.client_list()
-            )
-        finally:
-            node.close()
-
-    wait_for(lambda: all(blocked_on(i) for i in range(3)), "a blocked reader on every node")
+    wait_for(lambda: all(blocked(cl, i, name) for i in range(3)), "a blocked reader on each node")
     thread.join(60)
     assert got == [[]] or [list(b) for b in got] == [[]]
     pairs = zip(streams, reads_before, strict=True)
@@ -237,17 +239,7 @@ def test_a_read_blocked_on_a_key_that_moves_goes_on_at_the_new_owner(
     thread.start()
     source = cl.node_for_key(stream)
 
-    def blocked() -> bool:
-        node = cl.client(source)
-        try:
-            return any(
-                row.get("name") == f"conveyor:{name}" and "b" in row.get("flags", "")
-                for row in node.client_list()
-            )
-        finally:
-            node.close()
-
-    wait_for(blocked, "the consumer's read blocked on the stream's node")
+    wait_for(lambda: blocked(cl, source, name), "the consumer's read blocked on the stream's node")
     slot = key_slot(stream)
     migrate_slot(cl, slot, (source + 1) % 3)
     r = conveyor.connect(cl.urls[source])
