@@ -277,3 +277,41 @@ def test_a_node_lost_and_back_is_an_outage_and_run_goes_on(kind: str) -> None:
         after = {i for s in streams for i in Producer(r, s).send_many([{"n": "b"}] * 5)}
         worker.finish(after, "every message written after the node came back")
         r.close()
+
+
+def test_entries_a_read_in_flight_delivered_after_the_batch_are_renewed(cl: Cluster) -> None:
+    """A read on another node that finishes after its batch was handed out delivered entries
+    no handler has seen yet: they are renewed like the batch in hand, so a slow handler does
+    not let another consumer take them (after claim_idle_ms) and process them twice."""
+    busy, quiet = spread(cl)[:2]
+    r = conveyor.connect(cl.urls[0])
+    opts: dict[str, Any] = {"claim_idle_ms": 1_500, "heartbeat_ms": 200, "batch_size": 4}
+    a = conveyor.Consumer(r, [busy, quiet], "g", consumer="a", max_wait_ms=60_000, **opts)
+    b = conveyor.Consumer(r, [busy, quiet], "g", consumer="b", max_wait_ms=200, **opts)
+    node = cl.client(cl.node_for_key(quiet))
+    try:
+        Producer(r, busy).send_many([{"n": "x"}] * 4)
+        first = a.get_batch()  # full from `busy`; the blocking read on `quiet` stays in flight
+        assert {m.stream for m in first} == {busy} and len(first) == 4
+        Producer(r, quiet).send_many([{"n": "y"}] * 2)
+        # the read in flight delivers (its COUNT of) them to `a`: `a`'s pending entries now,
+        # not seen by any handler yet
+        wait_for(lambda: node.xpending(quiet, "g")["pending"] > 0, "the late delivery")
+        rows = node.xpending_range(quiet, "g", "-", "+", 10)
+        late = {row["message_id"] for row in rows}
+        assert {row["consumer"] for row in rows} == {"a"}
+        t0 = float(node.time()[0])
+        # `a`'s handler is slow: well past claim_idle_ms, `b`'s reclaim rounds take nothing
+        while float(node.time()[0]) - t0 < 3:
+            assert not {m.id for m in b.get_batch()} & late
+        a.ack_many(first)
+        Producer(r, busy).send_many([{"n": "z"}] * 4)  # enough to fill the next batch at once
+        second = a.get_batch()
+        assert late <= {m.id for m in second}
+        a.ack_many(second)
+        assert a.stale_ack_count == 0
+    finally:
+        node.close()
+        a.close()
+        b.close()
+        r.close()

@@ -406,6 +406,19 @@ class _ConsumerBase:
             raise error
         return replies
 
+    def _note_delivered(self, replies: Sequence[Any]) -> None:
+        """A read in flight finished (in its thread or task): the entries it delivered are
+        renewed from now on, also while they wait for the next batch behind a slow handler."""
+        reply = replies[-1] if replies else None
+        if reply is None or isinstance(reply, Exception):
+            return
+        m = self._machine
+        with self._inflight_lock:
+            for item in reply.items() if isinstance(reply, dict) else reply:
+                ids = self._inflight.get(m.stream_of(item[0]))
+                if ids is not None and item[1]:
+                    ids.update(cmd.as_text(entry[0]) for entry in item[1] if entry[1])
+
     def _retire_readers(self) -> list[Any]:
         """Readers whose reads are abandoned (a reply was lost elsewhere: the own pending
         list is read again, so what they still deliver must not be handed out twice)."""
@@ -413,10 +426,6 @@ class _ConsumerBase:
         self._readers = {}
         self._retired = []
         return retired
-
-    def _drain_s(self) -> float:
-        """How long closing waits for reads in flight (they end within max_wait_ms)."""
-        return self.config.max_wait_ms / 1000 + 1.0
 
     def _give_back_commands(self, messages: Sequence[Message]) -> list[cmd.Command]:
         """Entries delivered to this consumer that no handler will see (it is closing): made

@@ -328,7 +328,9 @@ class AsyncConsumer(_ConsumerBase):
         now = now_ms()
         for key, node, commands, _asking in self._sendable(plan, self._reads, now):
             reader = self._unit_reader(key, node)
-            self._reads[key] = (asyncio.ensure_future(_io.aroundtrip(reader, commands)), node)
+            task = asyncio.ensure_future(_io.aroundtrip(reader, commands))
+            task.add_done_callback(self._delivered)
+            self._reads[key] = (task, node)
         wait_s = (plan.block_ms or 0) / 1000
         if not self._reads:  # every slot paused for a moment: wait, never spin
             await asyncio.sleep(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
@@ -350,6 +352,10 @@ class AsyncConsumer(_ConsumerBase):
             if self._stale_map:
                 await self._refresh()
 
+    def _delivered(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._note_delivered(task.result())
+
     def _abandon_reads(self) -> None:
         if self._cluster:
             reads, self._reads = self._reads, {}
@@ -361,8 +367,6 @@ class AsyncConsumer(_ConsumerBase):
         """See ``Consumer._give_back``."""
         messages = list(self._machine.carried)
         reads, self._reads = self._reads, {}
-        if reads:
-            await asyncio.wait([t for t, _ in reads.values()], timeout=self._drain_s())
         for task, _node in reads.values():
             if task.done() and not task.cancelled() and task.exception() is None:
                 reply = task.result()[-1]

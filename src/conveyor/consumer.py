@@ -258,7 +258,9 @@ class Consumer(_ConsumerBase):
                     max_workers=64, thread_name_prefix=f"conveyor-read-{self.name}"
                 )
             reader = self._unit_reader(key, node)
-            self._reads[key] = (self._pool.submit(_io.roundtrip, reader, commands), node)
+            future = self._pool.submit(_io.roundtrip, reader, commands)
+            future.add_done_callback(self._delivered)
+            self._reads[key] = (future, node)
         wait_s = (plan.block_ms or 0) / 1000
         if not self._reads:  # every slot paused for a moment: wait, never spin
             self._wake.wait(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
@@ -280,6 +282,10 @@ class Consumer(_ConsumerBase):
             if self._stale_map:
                 self._refresh()
 
+    def _delivered(self, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._note_delivered(future.result())
+
     def _abandon_reads(self) -> None:
         if self._cluster:
             self._reads = {}
@@ -287,12 +293,12 @@ class Consumer(_ConsumerBase):
                 reader.disconnect()  # its thread ends with an error nobody reads
 
     def _give_back(self) -> None:
-        """Closing on a cluster: reads still in flight end within max_wait_ms; what they
-        and the carried entries hold is given back to the group for the others to take."""
+        """Closing on a cluster: what the carried entries and the reads that finished hold is
+        given back to the group for the others to take at once. Reads still blocked are cut
+        (they delivered nothing; one that delivers at that very moment leaves its entries in
+        this consumer's pending list, for the others' reclaim once its heartbeat is stale)."""
         messages = list(self._machine.carried)
         reads, self._reads = self._reads, {}
-        if reads:
-            concurrent.futures.wait([f for f, _ in reads.values()], timeout=self._drain_s())
         for future, _node in reads.values():
             if future.done() and future.exception() is None:
                 reply = future.result()[-1]

@@ -168,6 +168,10 @@ class ConsumerMachine:
         else:
             self._feed_take_back(plan, replies)
 
+    def stream_of(self, raw_name: Any) -> str:
+        """The user's name of a stream as a reply names it (bytes or str)."""
+        return self._names.get(raw_name) or cmd.as_text(raw_name)
+
     def new_messages(self, reply: Any) -> list[Message]:
         """The messages of one ``>`` XREADGROUP reply (a read that finished after the end)."""
         return cmd.parse_read(reply, self._names, self.config.encoding, 1).messages
