@@ -7,8 +7,11 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from conveyor import ConfigError, FieldTypeError, PayloadError, Producer
+import conveyor
+from conveyor import ConfigError, EmbeddedServer, FieldTypeError, PayloadError, Producer
+from conveyor.errors import ServerError
 from tests.conftest import Drivers
+from tests.faultproxy import FaultProxy
 
 Name = Callable[[str], str]
 
@@ -120,3 +123,35 @@ def test_the_json_codec_refuses_nan_and_infinity_naming_the_field(
     assert "row 1" in text or "[1]" in text or "1" in text
     assert "payload['items'][0]['price']" in text and "\n" not in text
     assert r.exists(s) == 0  # nothing of that chunk was sent
+
+
+def test_a_refused_chunk_stops_the_pipeline_and_counts_what_was_added(
+    drivers: Drivers, r: redis.Redis, name: Name, server: EmbeddedServer
+) -> None:
+    """Chunks go back to back (the next is written before the replies of the one before are
+    read). The 7th XADD refused: nothing is sent after the chunk in flight, the error counts
+    every entry added (that chunk's too), and the connection stays usable."""
+    s = name("s")
+    with FaultProxy(server.port) as proxy:
+        proxy.inject(lambda args: args[0].upper() == b"XADD" and args[-1] == b"6", b"-OOM no")
+        asyncio = drivers.kind == "async"
+        client = conveyor.connect(proxy.url, asyncio=asyncio, cluster=False)
+        try:
+            p = drivers.producer(s, client=client)
+            with pytest.raises(
+                ServerError, match=r"failed; 14 entries of this call were added: OOM no"
+            ):
+                p.send_many([{"i": i} for i in range(40)], chunk=5)
+            assert r.xlen(s) == 14  # chunk 1, chunk 2 but its refused XADD, chunk 3 in flight
+            assert p.send_many([{"i": "again"}]) and r.xlen(s) == 15
+        finally:
+            drivers.run(client.aclose()) if asyncio else client.close()
+
+
+def test_chunks_back_to_back_keep_every_id_in_order(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    ids = drivers.producer(s).send_many(({"i": i} for i in range(2_345)), chunk=100)
+    assert [e[0].decode() for e in r.xrange(s)] == ids
+    assert [int(e[1][b"i"]) for e in r.xrange(s)] == list(range(2_345))

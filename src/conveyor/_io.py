@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
@@ -33,12 +33,14 @@ __all__ = [
     "LINK_ERRORS",
     "Plan",
     "acluster_roundtrip",
+    "apipelined",
     "apool_roundtrip",
     "aroundtrip",
     "arun_plan",
     "check_client",
     "cluster_roundtrip",
     "lost",
+    "pipelined",
     "pool_roundtrip",
     "roundtrip",
     "run_plan",
@@ -180,6 +182,140 @@ async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]
         return await aroundtrip(conn, commands)
     finally:
         await pool.release(conn)
+
+
+# -- chunks back to back -----------------------------------------------------------------------
+
+
+def _has_error(replies: Sequence[Any]) -> bool:
+    return any(isinstance(r, ResponseError) for r in replies)
+
+
+def _send(conn: Any, commands: Sequence[Command]) -> None:
+    conn.send_packed_command(_packed(conn, commands), check_health=False)
+
+
+def _read(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def pipelined(client: Any, chunks: Iterable[Sequence[Command]]) -> Iterator[list[Any]]:
+    """The replies of each chunk, in order, each chunk written before the replies of the one
+    before it are read: the server works on one chunk while the client reads and parses the
+    other. After a chunk with an error reply nothing more is sent; the replies of the chunk
+    already in flight come with it, in the same list. A chunk that cannot be built (the
+    iterator raises) raises after the replies of the chunk in flight were given. One
+    connection from ``client``'s pool; on a cluster, one round trip per chunk."""
+    if _cluster.is_cluster(client):
+        for each in chunks:
+            yield cluster_roundtrip(client, each)
+        return
+    pool = client.connection_pool
+    try:
+        conn = pool.get_connection()
+    except LINK_ERRORS as exc:
+        raise lost(client, exc) from exc
+    in_step = True
+    try:
+        it = iter(chunks)
+        pending: Sequence[Command] | None = None
+        while True:
+            try:
+                commands = next(it, None)
+            except BaseException:
+                if pending is not None:
+                    yield _read(conn, pending)
+                raise
+            if commands is None:
+                break
+            in_step = False
+            _send(conn, commands)
+            if pending is not None:
+                replies = _read(conn, pending)
+                if _has_error(replies):
+                    replies += _read(conn, commands)
+                    in_step = True
+                    yield replies
+                    return
+                yield replies
+            pending = commands
+        if pending is not None:
+            replies = _read(conn, pending)
+            in_step = True
+            yield replies
+    except LINK_ERRORS as exc:
+        conn.disconnect()
+        in_step = True
+        raise lost(conn, exc) from exc
+    finally:
+        if not in_step:  # left with replies unread (the caller stopped): out of step
+            conn.disconnect()
+        pool.release(conn)
+
+
+async def apipelined(client: Any, chunks: Iterable[Sequence[Command]]) -> AsyncIterator[list[Any]]:
+    """``pipelined`` for an asyncio client."""
+    if _cluster.is_cluster(client):
+        for each in chunks:
+            yield await acluster_roundtrip(client, each)
+        return
+    pool = client.connection_pool
+    try:
+        conn = await pool.get_connection()
+    except LINK_ERRORS as exc:
+        raise lost(client, exc) from exc
+    in_step = True
+    try:
+        it = iter(chunks)
+        pending: Sequence[Command] | None = None
+        while True:
+            try:
+                commands = next(it, None)
+            except BaseException:
+                if pending is not None:
+                    yield await _aread(conn, pending)
+                raise
+            if commands is None:
+                break
+            in_step = False
+            await conn.send_packed_command(_packed(conn, commands), check_health=False)
+            if pending is not None:
+                replies = await _aread(conn, pending)
+                if _has_error(replies):
+                    replies += await _aread(conn, commands)
+                    in_step = True
+                    yield replies
+                    return
+                yield replies
+            pending = commands
+        if pending is not None:
+            replies = await _aread(conn, pending)
+            in_step = True
+            yield replies
+    except LINK_ERRORS as exc:
+        await conn.disconnect()
+        in_step = True
+        raise lost(conn, exc) from exc
+    finally:
+        if not in_step:
+            await conn.disconnect(nowait=True)
+        await pool.release(conn)
+
+
+async def _aread(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 # -- Redis Cluster ------------------------------------------------------------------------------

@@ -78,22 +78,28 @@ class _ProducerBase:
             yield commands
 
     def _ids(self, replies: list[Any], sent_before: int) -> list[str]:
+        """The ids of one round trip's XADDs; a refused one raises, saying how many entries of
+        this call were added (every reply counted, the ones after the refusal too)."""
         ids: list[str] = []
+        refused = None
         for reply in replies:
             if isinstance(reply, ResponseError):
-                raise server_error(
-                    reply,
-                    f"XADD to stream {self.stream!r} failed after {sent_before + len(ids)} "
-                    "entries of this call were added",
-                )
-            ids.append(cmd.parse_id(reply))
+                refused = refused or reply
+            else:
+                ids.append(cmd.parse_id(reply))
         self.sent_count += len(ids)
+        if refused is not None:
+            raise server_error(
+                refused,
+                f"XADD to stream {self.stream!r} failed; {sent_before + len(ids)} entries of "
+                "this call were added",
+            )
         return ids
 
     def _lost(self, exc: ConnectionLost, confirmed: int) -> ConnectionLost:
         return ConnectionLost(
-            f"{exc}; {confirmed} entries of this call were confirmed, the chunk in flight may or "
-            "may not have been added (not retried, to avoid duplicates)"
+            f"{exc}; {confirmed} entries of this call were confirmed, the chunks in flight (up "
+            "to two) may or may not have been added (not retried, to avoid duplicates)"
         )
 
 
@@ -111,15 +117,17 @@ class Producer(_ProducerBase):
         return self._ids(_io.pool_roundtrip(self.client, [self._command(fields)]), 0)[0]
 
     def send_many(self, rows: Iterable[Any], chunk: int | None = None) -> list[str]:
-        """Add many entries, ``chunk`` per round trip (pipelined); returns their ids in order.
+        """Add many entries, ``chunk`` per pipeline, each chunk written before the replies of
+        the one before are read (the server adds one chunk while this side packs the next);
+        returns their ids in order.
 
         Each chunk is validated before it is sent: a bad row raises before its chunk goes out,
         and the error says how many entries were already added.
         """
         ids: list[str] = []
         try:
-            for commands in self._chunks(rows, chunk):
-                ids.extend(self._ids(_io.pool_roundtrip(self.client, commands), len(ids)))
+            for replies in _io.pipelined(self.client, self._chunks(rows, chunk)):
+                ids.extend(self._ids(replies, len(ids)))
         except ConnectionLost as exc:
             raise self._lost(exc, len(ids)) from exc
         except FieldTypeError as exc:
@@ -142,8 +150,7 @@ class AsyncProducer(_ProducerBase):
         """See ``Producer.send_many``."""
         ids: list[str] = []
         try:
-            for commands in self._chunks(rows, chunk):
-                replies = await _io.apool_roundtrip(self.client, commands)
+            async for replies in _io.apipelined(self.client, self._chunks(rows, chunk)):
                 ids.extend(self._ids(replies, len(ids)))
         except ConnectionLost as exc:
             raise self._lost(exc, len(ids)) from exc
