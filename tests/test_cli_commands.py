@@ -439,6 +439,21 @@ def test_run_handler_timeout_gives_a_stuck_batch_to_another_worker(
     assert "handler still running after handler_timeout_ms=300 on a batch of 10" in err
 
 
+def test_run_linger_zero_hands_a_lone_message_over_at_once(
+    r: redis.Redis, name: Name, worker_env: dict[str, str], processes: list[subprocess.Popen[str]]
+) -> None:
+    stream = name("orders")
+    args = ("-s", stream, "-g", "g", "--batch-size", "100", "--max-wait-ms", "600000")
+    proc = start(processes, "run", "cli_handlers:handle", *args, "--linger-ms", "0", env=worker_env)
+    wait_for(lambda: group_row(r, stream, "g").get("consumers") == 1, "the worker joined")
+    msg_id = r.xadd(stream, {"n": 1}).decode()
+    # a batch of 100 with ten minutes to fill: only linger_ms=0 hands this one over now
+    wait_for(lambda: seen_ids(worker_env) == [msg_id], "the message handled")
+    wait_for(lambda: group_row(r, stream, "g").get("pending") == 0, "the message acked")
+    proc.kill()  # a warm stop would wait for the idle read in flight: ten minutes here
+    proc.wait(10)
+
+
 @pytest.mark.parametrize(
     ("target", "says"),
     [

@@ -294,3 +294,29 @@ def test_blocking_reads_outlast_a_short_socket_timeout(drivers: Drivers, name: N
     client = drivers.client(socket_timeout=0.3)
     c = drivers.consumer(name("s"), "g", client=client, max_wait_ms=900)
     assert len(c.get_batch()) == 0  # no TimeoutError: the reader sizes its own timeout
+
+
+def test_linger_zero_returns_as_soon_as_anything_arrives(drivers: Drivers, name: Name) -> None:
+    s = name("s")
+    c = drivers.consumer(s, "g", batch_size=100, max_wait_ms=600_000, linger_ms=0)
+    drivers.producer(s).send({"n": "1"})
+    (msg,) = c.get_batch()  # without linger_ms it would wait for 99 more, ten minutes long
+    assert msg.fields == {"n": "1"}
+
+
+def test_an_idle_consumer_with_linger_zero_blocks_and_never_spins(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    c = drivers.consumer(s, "g", max_wait_ms=300, linger_ms=0)
+    c.get_batch()  # setup and own pending list
+    before = xreadgroup_calls(r, s)
+    assert len(c.get_batch()) == 0
+    assert xreadgroup_calls(r, s) - before <= 2
+
+
+def test_max_wait_ms_zero_is_refused_with_the_way_to_low_latency(
+    drivers: Drivers, name: Name
+) -> None:
+    with pytest.raises(ConfigError, match="busy loop.*linger_ms=0"):
+        drivers.consumer(name("s"), "g", max_wait_ms=0)

@@ -50,7 +50,10 @@ class ConsumerConfig:
     group: str
     consumer: str
     batch_size: int = 100
+    #: how long a batch waits on the server for entries (an idle consumer blocks this long)
     max_wait_ms: int = 1000
+    #: once a batch has messages, how much longer it waits to fill; None: until max_wait_ms
+    linger_ms: int | None = None
     start: str = "0"
     encoding: str | None = "utf-8"
     claim_idle_ms: int = 60_000
@@ -74,7 +77,15 @@ class ConsumerConfig:
         check_name("group", self.group)
         check_name("consumer", self.consumer)
         check_int("batch_size", self.batch_size, 1, 1_000_000)
-        check_int("max_wait_ms", self.max_wait_ms, 0, 86_400_000)
+        if self.max_wait_ms == 0 and not isinstance(self.max_wait_ms, bool):
+            raise ConfigError(
+                "max_wait_ms must be at least 1: 0 would poll the server in a busy loop. It is "
+                "how long an empty batch waits on the server; for low latency pass linger_ms=0 "
+                "(a batch returns as soon as anything arrives)"
+            )
+        check_int("max_wait_ms", self.max_wait_ms, 1, 86_400_000)
+        if self.linger_ms is not None:
+            check_int("linger_ms", self.linger_ms, 0, 86_400_000)
         check_int("claim_idle_ms", self.claim_idle_ms, 20)
         check_int("max_deliveries", self.max_deliveries, 1)
         if not isinstance(self.start, str) or not (self.start == "$" or is_stream_id(self.start)):

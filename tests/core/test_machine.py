@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from conveyor._core import scripts
 from conveyor._core.machine import ConsumerMachine
 from conveyor.config import ConsumerConfig
+from conveyor.errors import ConfigError
 
 
 def machine(**kw: Any) -> ConsumerMachine:
@@ -94,15 +96,55 @@ def test_partial_batch_keeps_blocking_for_the_rest_of_the_wait() -> None:
     assert m.next_read(500) is None and len(m.end_batch()) == 4
 
 
-def test_zero_wait_reads_once_without_blocking() -> None:
-    m = machine(max_wait_ms=0, start="$")
-    m.group_recreated()  # no pending phase
+def test_zero_wait_is_refused_it_would_spin() -> None:
+    with pytest.raises(ConfigError, match=r"max_wait_ms must be at least 1.*linger_ms=0"):
+        machine(max_wait_ms=0)
+
+
+def new_reply(stream: str, *ids: str) -> list[Any]:
+    return [[stream, [[i, ["k", "v"]] for i in ids]]]
+
+
+def test_linger_zero_returns_as_soon_as_anything_arrived() -> None:
+    m = machine(max_wait_ms=5_000, linger_ms=0, start="$")
+    m.group_recreated()
     m.begin_batch(0)
     skip_reclaim(m, 0)
     plan = m.next_read(0)
-    assert plan is not None and plan.block_ms is None
-    m.feed(plan, [None], 0)
-    assert m.next_read(0) is None
+    assert plan is not None and plan.block_ms == 5_000  # idle: blocks on the server
+    m.feed(plan, [new_reply("s", "1-0")], 40)
+    assert m.next_read(40) is None  # no wait to fill the batch
+    assert [msg.id for msg in m.end_batch()] == ["1-0"]
+
+
+def test_linger_waits_that_long_after_the_first_message_to_fill() -> None:
+    m = machine(max_wait_ms=5_000, linger_ms=20, start="$")
+    m.group_recreated()
+    m.begin_batch(0)
+    skip_reclaim(m, 0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [new_reply("s", "1-0")], 100)
+    plan = m.next_read(100)
+    assert plan is not None and plan.block_ms == 20
+    m.feed(plan, [new_reply("s", "2-0")], 110)
+    plan = m.next_read(110)
+    assert plan is not None and plan.block_ms == 10
+    m.feed(plan, [None], 120)
+    assert m.next_read(120) is None
+    assert len(m.end_batch()) == 2
+
+
+def test_without_linger_a_batch_waits_to_fill_until_max_wait() -> None:
+    m = machine(max_wait_ms=5_000, start="$")
+    m.group_recreated()
+    m.begin_batch(0)
+    skip_reclaim(m, 0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [new_reply("s", "1-0")], 100)
+    plan = m.next_read(100)
+    assert plan is not None and plan.block_ms == 4_900
 
 
 def test_lost_reply_goes_back_to_the_own_pending_list() -> None:

@@ -89,6 +89,7 @@ class ConsumerMachine:
         self._units: tuple[tuple[str, ...], ...] = (tuple(config.streams),)
         self._overdue: list[Message] = []
         self._deadline_ms = 0
+        self._first_ms: int | None = None
         self._new_reads = 0
         self._rotation = 0
         self._drops: list[tuple[str, str]] = []
@@ -119,6 +120,8 @@ class ConsumerMachine:
         self._buffer, self._carry = self._carry, []
         self._new_reads = 0
         self._deadline_ms = now_ms + self.config.max_wait_ms
+        # With linger_ms, the batch stops waiting that long after its first message came.
+        self._first_ms = now_ms if self._buffer else None
         self._phase_done: set[str] = set()
 
     def next_read(self, now_ms: int) -> ReadPlan | None:
@@ -137,6 +140,11 @@ class ConsumerMachine:
             self._phase_done.add(RECLAIM)
             return self._reclaim_plan(remaining)
         wait_ms = self._deadline_ms - now_ms
+        linger = self.config.linger_ms
+        if linger is not None and self._buffer:
+            if self._first_ms is None:
+                self._first_ms = now_ms
+            wait_ms = min(wait_ms, self._first_ms + linger - now_ms)
         if wait_ms <= 0 and self._new_reads > 0:  # new entries are read at least once
             return None
         streams, count = self._share(self.config.streams, remaining)

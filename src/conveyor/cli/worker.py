@@ -146,7 +146,15 @@ def _stop_when_orphaned(supervisor_pid: int) -> None:
     type=click.IntRange(1, 3_600_000),
     default=1000,
     show_default=True,
-    help="Longest wait for a batch to fill.",
+    help="Longest wait for a batch to fill (an idle worker blocks on the server this long).",
+)
+@click.option(
+    "--linger-ms",
+    metavar="MS",
+    type=click.IntRange(0, 3_600_000),
+    default=None,
+    help="Once a batch has messages, how much longer it waits to fill; 0: hand it over at "
+    "once (low latency). Default: until --max-wait-ms.",
 )
 @click.option(
     "--max-deliveries",
@@ -295,6 +303,7 @@ def _consumer_options(options: dict[str, Any]) -> dict[str, Any]:
         "consumer": options["consumer"],
         "batch_size": options["batch_size"],
         "max_wait_ms": options["max_wait_ms"],
+        "linger_ms": options["linger_ms"],
         "max_deliveries": options["max_deliveries"],
         "claim_idle_ms": options["claim_idle_ms"],
         "dead_letter": options["dead_letter"],
@@ -389,6 +398,8 @@ def _worker_argv(
         argv += ["--dead-letter", options["dead_letter"]]
     if options["handler_timeout_ms"] is not None:
         argv += ["--handler-timeout-ms", str(options["handler_timeout_ms"])]
+    if options["linger_ms"] is not None:
+        argv += ["--linger-ms", str(options["linger_ms"])]
     if options["consumer"]:
         argv += ["--consumer", f"{options['consumer']}-{index}"]
     if options["metrics_port"] is not None:
