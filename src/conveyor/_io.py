@@ -118,13 +118,7 @@ def roundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """Send ``commands`` as one pipeline on ``conn`` and read every reply."""
     try:
         conn.send_packed_command(_packed(conn, commands), check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return _read(conn, commands)
     except LINK_ERRORS as exc:
         conn.disconnect()
         raise lost(conn, exc) from exc
@@ -153,13 +147,7 @@ async def aroundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """``roundtrip`` for an asyncio connection."""
     try:
         await conn.send_packed_command(_packed(conn, commands), check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return await _aread(conn, commands)
     except LINK_ERRORS as exc:
         await conn.disconnect()
         raise lost(conn, exc) from exc
@@ -191,8 +179,39 @@ def _has_error(replies: Sequence[Any]) -> bool:
     return any(isinstance(r, ResponseError) for r in replies)
 
 
-def _send(conn: Any, commands: Sequence[Command]) -> None:
-    conn.send_packed_command(_packed(conn, commands), check_health=False)
+#: the steps of chunks sent back to back: ("send", chunk) -> None, ("read", chunk) -> its
+#: replies, ("give", replies) -> None (the caller gets them)
+Steps = Generator[tuple[str, Any], Any, None]
+
+
+def _back_to_back(chunks: Iterable[Sequence[Command]]) -> Steps:
+    """Each chunk is sent before the replies of the one before are read. After a chunk with an
+    error reply nothing more is sent: the replies of the chunk in flight are given with it. A
+    chunk that cannot be built (the iterator raises) raises once the chunk in flight is read."""
+    it = iter(chunks)
+    pending: Sequence[Command] | None = None
+    while True:
+        try:
+            nxt = next(it, None)
+        except BaseException:
+            if pending is not None:
+                replies = yield ("read", pending)
+                yield ("give", replies)
+            raise
+        if nxt is None:
+            break
+        yield ("send", nxt)
+        if pending is not None:
+            replies = yield ("read", pending)
+            if _has_error(replies):
+                replies = replies + (yield ("read", nxt))
+                yield ("give", replies)
+                return
+            yield ("give", replies)
+        pending = nxt
+    if pending is not None:
+        replies = yield ("read", pending)
+        yield ("give", replies)
 
 
 def _read(conn: Any, commands: Sequence[Command]) -> list[Any]:
@@ -205,13 +224,21 @@ def _read(conn: Any, commands: Sequence[Command]) -> list[Any]:
     return replies
 
 
+async def _aread(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 def pipelined(client: Any, chunks: Iterable[Sequence[Command]]) -> Iterator[list[Any]]:
     """The replies of each chunk, in order, each chunk written before the replies of the one
-    before it are read: the server works on one chunk while the client reads and parses the
-    other. After a chunk with an error reply nothing more is sent; the replies of the chunk
-    already in flight come with it, in the same list. A chunk that cannot be built (the
-    iterator raises) raises after the replies of the chunk in flight were given. One
-    connection from ``client``'s pool; on a cluster, one round trip per chunk."""
+    before it are read (``_back_to_back``): the server works on one chunk while this side
+    reads and parses the other. One connection from ``client``'s pool; on a cluster, one
+    round trip per chunk."""
     if _cluster.is_cluster(client):
         for each in chunks:
             yield cluster_roundtrip(client, each)
@@ -221,40 +248,29 @@ def pipelined(client: Any, chunks: Iterable[Sequence[Command]]) -> Iterator[list
         conn = pool.get_connection()
     except LINK_ERRORS as exc:
         raise lost(client, exc) from exc
-    in_step = True
+    unread = 0
     try:
-        it = iter(chunks)
-        pending: Sequence[Command] | None = None
-        while True:
-            try:
-                commands = next(it, None)
-            except BaseException:
-                if pending is not None:
-                    yield _read(conn, pending)
-                raise
-            if commands is None:
-                break
-            in_step = False
-            _send(conn, commands)
-            if pending is not None:
-                replies = _read(conn, pending)
-                if _has_error(replies):
-                    replies += _read(conn, commands)
-                    in_step = True
-                    yield replies
-                    return
-                yield replies
-            pending = commands
-        if pending is not None:
-            replies = _read(conn, pending)
-            in_step = True
-            yield replies
+        steps = _back_to_back(chunks)
+        step = next(steps, None)
+        while step is not None:
+            kind, arg = step
+            if kind == "send":
+                conn.send_packed_command(_packed(conn, arg), check_health=False)
+                unread += 1
+                step = steps.send(None)
+            elif kind == "read":
+                replies = _read(conn, arg)
+                unread -= 1
+                step = steps.send(replies)
+            else:
+                yield arg
+                step = next(steps, None)
     except LINK_ERRORS as exc:
         conn.disconnect()
-        in_step = True
+        unread = 0
         raise lost(conn, exc) from exc
     finally:
-        if not in_step:  # left with replies unread (the caller stopped): out of step
+        if unread:  # the caller stopped with replies unread: the connection is out of step
             conn.disconnect()
         pool.release(conn)
 
@@ -270,52 +286,31 @@ async def apipelined(client: Any, chunks: Iterable[Sequence[Command]]) -> AsyncI
         conn = await pool.get_connection()
     except LINK_ERRORS as exc:
         raise lost(client, exc) from exc
-    in_step = True
+    unread = 0
     try:
-        it = iter(chunks)
-        pending: Sequence[Command] | None = None
-        while True:
-            try:
-                commands = next(it, None)
-            except BaseException:
-                if pending is not None:
-                    yield await _aread(conn, pending)
-                raise
-            if commands is None:
-                break
-            in_step = False
-            await conn.send_packed_command(_packed(conn, commands), check_health=False)
-            if pending is not None:
-                replies = await _aread(conn, pending)
-                if _has_error(replies):
-                    replies += await _aread(conn, commands)
-                    in_step = True
-                    yield replies
-                    return
-                yield replies
-            pending = commands
-        if pending is not None:
-            replies = await _aread(conn, pending)
-            in_step = True
-            yield replies
+        steps = _back_to_back(chunks)
+        step = next(steps, None)
+        while step is not None:
+            kind, arg = step
+            if kind == "send":
+                await conn.send_packed_command(_packed(conn, arg), check_health=False)
+                unread += 1
+                step = steps.send(None)
+            elif kind == "read":
+                replies = await _aread(conn, arg)
+                unread -= 1
+                step = steps.send(replies)
+            else:
+                yield arg
+                step = next(steps, None)
     except LINK_ERRORS as exc:
         await conn.disconnect()
-        in_step = True
+        unread = 0
         raise lost(conn, exc) from exc
     finally:
-        if not in_step:
+        if unread:
             await conn.disconnect(nowait=True)
         await pool.release(conn)
-
-
-async def _aread(conn: Any, commands: Sequence[Command]) -> list[Any]:
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await conn.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
 
 
 # -- Redis Cluster ------------------------------------------------------------------------------
