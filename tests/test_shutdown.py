@@ -22,6 +22,8 @@ def start(
     return subprocess.Popen(
         [
             sys.executable,
+            "-X",
+            "faulthandler",  # SIGABRT prints every thread's stack: see exit_code()
             "-m",
             "tests.shutdown_worker",
             redis_url,
@@ -37,6 +39,17 @@ def start(
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def exit_code(proc: subprocess.Popen[str], timeout_s: float) -> int:
+    """The worker's exit code; a worker still running after ``timeout_s`` fails the test with
+    the stack of each of its threads (faulthandler on SIGABRT) and the rest of its stderr."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"the worker did not exit within {timeout_s} s:\n{err}") from None
 
 
 def wait_for(proc: subprocess.Popen[str], prefix: str) -> str:
@@ -61,7 +74,7 @@ def test_first_signal_finishes_the_batch_acks_and_leaves(
         proc.send_signal(sig)
         assert wait_for(proc, "acked") == "acked 10"
         assert wait_for(proc, "left") == "left"
-        assert proc.wait(15) == 0
+        assert exit_code(proc, 15) == 0
     finally:
         proc.kill()
     stderr = proc.stderr.read() if proc.stderr else ""
@@ -86,7 +99,7 @@ def test_second_signal_stops_at_once_and_loses_nothing(
             if "finishing the batch in hand" in line:
                 break
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert exit_code(proc, 15) == 0
     finally:
         proc.kill()
     assert r.xpending(s, "g")["pending"] == 10  # unacked, still pending: nothing lost
@@ -104,7 +117,7 @@ def test_the_grace_period_ends_a_handler_that_does_not_finish(
     try:
         wait_for(proc, "handling")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert exit_code(proc, 20) == 0
     finally:
         proc.kill()
     assert r.xpending(s, "g")["pending"] == 10
