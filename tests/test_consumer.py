@@ -318,5 +318,5 @@ def test_an_idle_consumer_with_linger_zero_blocks_and_never_spins(
 def test_max_wait_ms_zero_is_refused_with_the_way_to_low_latency(
     drivers: Drivers, name: Name
 ) -> None:
-    with pytest.raises(ConfigError, match="busy loop.*linger_ms=0"):
+    with pytest.raises(ConfigError, match=r"busy loop.*linger_ms=0"):
         drivers.consumer(name("s"), "g", max_wait_ms=0)
