@@ -36,6 +36,8 @@ _RENEW_CHUNK = 2_000
 _REPEAT_LOG_S = 60.0
 #: heartbeats hash lifetime: far beyond any timeout, so an abandoned group leaves no key behind
 _HEARTBEATS_TTL_MS = 24 * 3600 * 1000
+#: how long past a read's block time its reply may take before the step ends without it
+FAN_OUT_MARGIN_S = 0.25
 #: a slot that answered TRYAGAIN or moved is left alone this long (no busy loop meanwhile)
 _SLOT_PAUSE_MS = 50
 
@@ -420,6 +422,35 @@ class _ConsumerBase:
                 ids = self._inflight.get(m.stream_of(item[0]))
                 if ids is not None and item[1]:
                     ids.update(cmd.as_text(entry[0]) for entry in item[1] if entry[1])
+
+    def _finished_reads(self, reads: dict[tuple[str, int], tuple[Any, Any]]) -> list[Any]:
+        """Take the reads of ``reads`` that are done (thread futures or asyncio tasks, which
+        answer the same questions) and return their replies (``_collected``)."""
+        finished = []
+        for key, (future, node) in list(reads.items()):
+            if future.done():
+                del reads[key]
+                exc = future.exception()
+                finished.append((key, node, exc if exc is not None else future.result()))
+        return self._collected(finished)
+
+    def _delivered(self, future: Any) -> None:
+        """Done-callback of a read in flight (thread future or asyncio task)."""
+        if not future.cancelled() and future.exception() is None:
+            self._note_delivered(future.result())
+
+    def _unhandled(self, reads: dict[tuple[str, int], tuple[Any, Any]]) -> list[Message]:
+        """Closing: the carried entries and what the reads that finished delivered; the reads
+        still blocked are cancelled where that is possible (tasks)."""
+        messages = list(self._machine.carried)
+        for future, _node in reads.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                reply = future.result()[-1]
+                if not isinstance(reply, Exception):
+                    messages.extend(self._machine.new_messages(reply))
+            else:
+                future.cancel()
+        return messages
 
     def _retire_readers(self) -> list[Any]:
         """Readers whose reads are abandoned (a reply was lost elsewhere: the own pending

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 from conveyor import _io
-from conveyor._consumer_base import Outage, _ConsumerBase, now_ms
+from conveyor._consumer_base import FAN_OUT_MARGIN_S, Outage, _ConsumerBase, now_ms
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow
@@ -24,9 +24,6 @@ from conveyor.models import Batch, Message, describe_error
 __all__ = ["AsyncConsumer"]
 
 log = logging.getLogger("conveyor.consumer")
-
-#: see consumer._FAN_OUT_MARGIN_S
-_FAN_OUT_MARGIN_S = 0.25
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -337,24 +334,14 @@ class AsyncConsumer(_ConsumerBase):
             return []
         await asyncio.wait(
             [t for t, _ in self._reads.values()],
-            timeout=wait_s + _FAN_OUT_MARGIN_S,
+            timeout=wait_s + FAN_OUT_MARGIN_S,
             return_when=asyncio.FIRST_COMPLETED,
         )
-        finished = []
-        for key, (task, node) in list(self._reads.items()):
-            if task.done():
-                del self._reads[key]
-                exc = task.exception()
-                finished.append((key, node, exc if exc is not None else task.result()))
         try:
-            return self._collected(finished)
+            return self._finished_reads(self._reads)
         finally:
             if self._stale_map:
                 await self._refresh()
-
-    def _delivered(self, task: asyncio.Future[Any]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self._note_delivered(task.result())
 
     def _abandon_reads(self) -> None:
         if self._cluster:
@@ -365,15 +352,8 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _give_back(self) -> None:
         """See ``Consumer._give_back``."""
-        messages = list(self._machine.carried)
         reads, self._reads = self._reads, {}
-        for task, _node in reads.values():
-            if task.done() and not task.cancelled() and task.exception() is None:
-                reply = task.result()[-1]
-                if not isinstance(reply, Exception):
-                    messages.extend(self._machine.new_messages(reply))
-            else:
-                task.cancel()
+        messages = self._unhandled(reads)
         if messages:
             await _io.apool_roundtrip(self.client, self._give_back_commands(messages))
 

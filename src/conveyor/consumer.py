@@ -12,7 +12,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from conveyor import _io
-from conveyor._consumer_base import Handler, Outage, _ConsumerBase, default_consumer_name, now_ms
+from conveyor._consumer_base import (
+    FAN_OUT_MARGIN_S,
+    Handler,
+    Outage,
+    _ConsumerBase,
+    default_consumer_name,
+    now_ms,
+)
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow, graceful
@@ -23,9 +30,6 @@ from conveyor.models import Batch, Message, describe_error
 __all__ = ["AsyncConsumer", "Consumer", "default_consumer_name"]
 
 log = logging.getLogger("conveyor.consumer")
-
-#: how long past a read's block time its reply may take before the step ends without it
-_FAN_OUT_MARGIN_S = 0.25
 
 
 class Consumer(_ConsumerBase):
@@ -267,24 +271,14 @@ class Consumer(_ConsumerBase):
             return []
         concurrent.futures.wait(
             [f for f, _ in self._reads.values()],
-            timeout=wait_s + _FAN_OUT_MARGIN_S,
+            timeout=wait_s + FAN_OUT_MARGIN_S,
             return_when=concurrent.futures.FIRST_COMPLETED,
         )
-        finished = []
-        for key, (future, node) in list(self._reads.items()):
-            if future.done():
-                del self._reads[key]
-                exc = future.exception()
-                finished.append((key, node, exc if exc is not None else future.result()))
         try:
-            return self._collected(finished)
+            return self._finished_reads(self._reads)
         finally:
             if self._stale_map:
                 self._refresh()
-
-    def _delivered(self, future: concurrent.futures.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._note_delivered(future.result())
 
     def _abandon_reads(self) -> None:
         if self._cluster:
@@ -297,13 +291,8 @@ class Consumer(_ConsumerBase):
         given back to the group for the others to take at once. Reads still blocked are cut
         (they delivered nothing; one that delivers at that very moment leaves its entries in
         this consumer's pending list, for the others' reclaim once its heartbeat is stale)."""
-        messages = list(self._machine.carried)
         reads, self._reads = self._reads, {}
-        for future, _node in reads.values():
-            if future.done() and future.exception() is None:
-                reply = future.result()[-1]
-                if not isinstance(reply, Exception):
-                    messages.extend(self._machine.new_messages(reply))
+        messages = self._unhandled(reads)
         if messages:
             _io.pool_roundtrip(self.client, self._give_back_commands(messages))
 
