@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import platform
@@ -89,6 +88,7 @@ import redis
 import redis.cluster
 
 import conveyor
+from bench._common import FAILURES, BenchError, positive_int, run_main
 from conveyor import Consumer, EmbeddedServer, Producer
 from conveyor._keys import heartbeat_key, key_slot
 
@@ -113,10 +113,6 @@ START_TIMEOUT_S = 120.0
 SERVER = "server"
 CLUSTER = "cluster"
 SIDES = (SERVER, CLUSTER)
-
-
-class BenchError(RuntimeError):
-    """A run did not do its work: a worker failed, or a message was lost or duplicated."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,29 +725,22 @@ def run(
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.cluster",
         description="Worker processes over several streams: one server vs a three-node cluster.",
     )
-    p.add_argument("--messages", type=_positive_int, default=DEFAULT_MESSAGES,
+    p.add_argument("--messages", type=positive_int, default=DEFAULT_MESSAGES,
                    help=f"messages per run, all streams (default {DEFAULT_MESSAGES})")  # fmt: skip
-    p.add_argument("--repeat", type=_positive_int, default=DEFAULT_REPEAT,
+    p.add_argument("--repeat", type=positive_int, default=DEFAULT_REPEAT,
                    help=f"rounds of server + cluster runs (default {DEFAULT_REPEAT})")  # fmt: skip
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"each Consumer's batch_size (default {DEFAULT_BATCH_SIZE})")  # fmt: skip
-    p.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
                    help=f"worker processes (default {DEFAULT_WORKERS})")  # fmt: skip
-    p.add_argument("--streams", type=_positive_int, default=DEFAULT_STREAMS,
+    p.add_argument("--streams", type=positive_int, default=DEFAULT_STREAMS,
                    help=f"streams every worker reads (default {DEFAULT_STREAMS})")  # fmt: skip
-    p.add_argument("--max-wait-ms", type=_positive_int, default=DEFAULT_MAX_WAIT_MS,
+    p.add_argument("--max-wait-ms", type=positive_int, default=DEFAULT_MAX_WAIT_MS,
                    help=f"each Consumer's max_wait_ms (default {DEFAULT_MAX_WAIT_MS})")  # fmt: skip
     p.add_argument("--server-binary", metavar="PATH",
                    help="server binary for both sides (e.g. /usr/bin/redis-server) instead of "
@@ -766,7 +755,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = sys.stderr if args.json else sys.stdout
     settings = Settings(
         messages=args.messages,
         repeat=args.repeat,
@@ -775,32 +763,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         streams=args.streams,
         max_wait_ms=args.max_wait_ms,
     )
-    sides: dict[str, Side] = {}
     starters: list[tuple[str, Callable[[str | None], Side]]] = [
         (SERVER, ServerSide),
         (CLUSTER, ClusterSide),
     ]
-    try:
+
+    def bench(out: TextIO, stack: contextlib.ExitStack) -> dict[str, Any]:
+        sides: dict[str, Side] = {}
+        stack.callback(_close_all, sides)
         for name, start in starters:
             sides[name] = start(args.server_binary)
-        report = run(settings, sides, out)
-    except (
-        BenchError,
-        conveyor.ConveyorError,
-        redis.RedisError,
-        OSError,
-        AssertionError,
-        RuntimeError,
-    ) as exc:
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for side in sides.values():
-            side.close()
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    return 0
+        return run(settings, sides, out)
+
+    return run_main(bench, json_out=args.json, failures=(*FAILURES, AssertionError, RuntimeError))
+
+
+def _close_all(sides: dict[str, Side]) -> None:
+    """Close the sides in the order they started."""
+    for side in sides.values():
+        side.close()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import math
 import multiprocessing
 import os
@@ -96,9 +95,15 @@ import redis
 import redis.asyncio
 
 import conveyor
-from conveyor import AsyncConsumer, Consumer, EmbeddedServer
+from bench._common import (
+    BenchError,
+    add_server_options,
+    positive_int,
+    run_main,
+    start_server,
+)
+from conveyor import AsyncConsumer, Consumer
 from conveyor._keys import dead_letter_key, heartbeat_key
-from conveyor.connection import redact_url
 
 __all__ = ["CASES", "IDLE_CASES", "main", "percentile"]
 
@@ -114,10 +119,6 @@ DRAIN_TIMEOUT_S = 15.0
 #: how long an idle child may take to start (spawn, imports, connection, first read)
 CHILD_START_TIMEOUT_S = 60.0
 PERCENTILES = (50, 90, 99)
-
-
-class BenchError(RuntimeError):
-    """The run did not do what it measures (a message lost or read twice, a child failed)."""
 
 
 @dataclass(frozen=True)
@@ -704,13 +705,6 @@ def run(s: Settings, out: TextIO) -> dict[str, Any]:
         admin.close()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _seconds(minimum: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = float(text)
@@ -726,14 +720,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.latency",
         description="consumer latency at a steady rate and an idle consumer's cost, one server",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", help="use this running server instead of starting one")
-    where.add_argument(
-        "--server-binary",
-        metavar="PATH",
-        help="start this server binary (e.g. /usr/bin/redis-server) instead of embedded valkey",
-    )
-    p.add_argument("--rate", type=_positive_int, default=DEFAULT_RATE,
+    add_server_options(p)
+    p.add_argument("--rate", type=positive_int, default=DEFAULT_RATE,
                    help=f"messages a second produced (default {DEFAULT_RATE})")  # fmt: skip
     p.add_argument("--seconds", type=_seconds(0.1), default=DEFAULT_SECONDS,
                    help=f"measured seconds a case (default {DEFAULT_SECONDS:g})")  # fmt: skip
@@ -751,14 +739,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = sys.stderr if args.json else sys.stdout
-    server: EmbeddedServer | None = None
-    try:
-        if args.url:
-            url, source = args.url, redact_url(args.url)
-        else:
-            server = EmbeddedServer(args.server_binary).start()
-            url, source = server.url, f"started {server.binary}"
+
+    def bench(out: TextIO, stack: contextlib.ExitStack) -> dict[str, Any]:
+        url, source = start_server(args, stack)
         settings = Settings(
             url=url,
             server=source,
@@ -767,17 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_s=args.warmup,
             idle_seconds=args.idle_seconds,
         )
-        report = run(settings, out)
-    except (BenchError, conveyor.ConveyorError, redis.RedisError, OSError) as exc:
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if server is not None:
-            server.close()
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    return 0
+        return run(settings, out)
+
+    return run_main(bench, json_out=args.json)
 
 
 if __name__ == "__main__":

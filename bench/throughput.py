@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -47,8 +47,14 @@ import redis
 import redis.asyncio
 
 import conveyor
-from conveyor import AsyncConsumer, Consumer, EmbeddedServer, Producer
-from conveyor.connection import redact_url
+from bench._common import (
+    BenchError,
+    add_server_options,
+    positive_int,
+    run_main,
+    start_server,
+)
+from conveyor import AsyncConsumer, Consumer, Producer
 from conveyor.models import Fields
 
 __all__ = ["Comparison", "main"]
@@ -76,10 +82,6 @@ TARGET_LABELS = {
     SECTION_ASYNC: "AsyncConsumer",
     SECTION_PRODUCE: "Producer.send_many",
 }
-
-
-class BenchError(RuntimeError):
-    """A run did not do the work it was timed for (wrong count, leftover pending entries)."""
 
 
 class Timing(NamedTuple):
@@ -632,13 +634,6 @@ def print_summary(targets: Sequence[dict[str, Any]], duration_s: float, out: Tex
     out.flush()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
@@ -666,20 +661,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.throughput",
         description="conveyor vs plain redis-py throughput (msg/s) on one server.",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", help="use this running server instead of starting one")
-    where.add_argument(
-        "--server-binary",
-        metavar="PATH",
-        help="start this server binary (e.g. /usr/bin/redis-server) instead of embedded valkey",
-    )
-    p.add_argument("--messages", type=_positive_int, default=DEFAULT_MESSAGES,
+    add_server_options(p)
+    p.add_argument("--messages", type=positive_int, default=DEFAULT_MESSAGES,
                    help=f"messages per run (default {DEFAULT_MESSAGES})")  # fmt: skip
-    p.add_argument("--repeat", type=_positive_int, default=DEFAULT_REPEAT,
+    p.add_argument("--repeat", type=positive_int, default=DEFAULT_REPEAT,
                    help=f"rounds of raw + conveyor runs (default {DEFAULT_REPEAT})")  # fmt: skip
     p.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES,
                    help="consume batch sizes (default 10,100,500)")  # fmt: skip
-    p.add_argument("--max-wait-ms", type=_positive_int, default=50,
+    p.add_argument("--max-wait-ms", type=positive_int, default=50,
                    help="conveyor consumers' max_wait_ms (default 50)")  # fmt: skip
     p.add_argument("--sections", type=_section_list, default=tuple(SECTIONS.values()),
                    help="comma-separated subset of sync,async,produce (default all)")  # fmt: skip
@@ -695,14 +684,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = sys.stderr if args.json else sys.stdout
-    server: EmbeddedServer | None = None
-    try:
-        if args.url:
-            url, source = args.url, redact_url(args.url)
-        else:
-            server = EmbeddedServer(args.server_binary).start()
-            url, source = server.url, f"started {server.binary}"
+
+    def bench(out: TextIO, stack: contextlib.ExitStack) -> dict[str, Any]:
+        url, source = start_server(args, stack)
         settings = Settings(
             url=url,
             messages=args.messages,
@@ -712,17 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sections=args.sections,
             server=source,
         )
-        report = run(settings, out)
-    except (BenchError, conveyor.ConveyorError, redis.RedisError, OSError) as exc:
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if server is not None:
-            server.close()
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    return 0
+        return run(settings, out)
+
+    return run_main(bench, json_out=args.json)
 
 
 if __name__ == "__main__":

@@ -6,31 +6,13 @@ server and a three-node cluster, the JSON report and its verification).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchrun import run_bench
 
 
 def test_bench_cluster_tiny_run() -> None:
-    cmd = [sys.executable, "-m", "bench.cluster", "--messages", "600", "--repeat", "1", "--json"]
-    binary = os.environ.get("CONVEYOR_TEST_SERVER")
-    if binary:
-        cmd += ["--server-binary", binary]
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    report = run_bench("bench.cluster", "--messages", "600", "--repeat", "1", timeout=110)
 
     assert report["messages"] == 600
     assert report["workers"] == 3

@@ -6,35 +6,17 @@ consumer loops, the idle children, the JSON report and its verification).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchrun import run_bench
 
 LATENCY_CASES = {"raw", "conveyor", "conveyor_no_linger", "async"}
 IDLE_CASES = {"raw", "conveyor"}
 
 
 def test_bench_latency_tiny_run() -> None:
-    cmd = [sys.executable, "-m", "bench.latency", "--seconds", "1", "--rate", "200"]
-    cmd += ["--idle-seconds", "1", "--json"]
-    binary = os.environ.get("CONVEYOR_TEST_SERVER")
-    if binary:
-        cmd += ["--server-binary", binary]
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    args = ("--seconds", "1", "--rate", "200", "--idle-seconds", "1")
+    report = run_bench("bench.latency", *args, timeout=120)
 
     assert report["rate"] == 200
     assert report["seconds"] == 1
