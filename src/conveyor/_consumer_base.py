@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from conveyor import _cluster, _io
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
+from conveyor._leases import Leases
 from conveyor._core.machine import RECLAIM, ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key, key_slot
 from conveyor.config import ConsumerConfig
@@ -42,6 +42,16 @@ FAN_OUT_MARGIN_S = 0.25
 _SLOT_PAUSE_MS = 50
 
 Handler = Callable[[Batch], Any]
+
+#: the key of ``_ConsumerBase._noted`` for entries carried to the next batch
+_CARRIED = "carried"
+
+
+def _ids_by_stream(messages: Iterable[Message]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for msg in messages:
+        out.setdefault(msg.stream, []).append(msg.id)
+    return out
 
 
 def _slot_moving(reply: Any) -> bool:
@@ -189,9 +199,11 @@ class _ConsumerBase:
         self._ready = False
         self._closed = False
         self._stopping = False
-        # Entries handed out and not settled yet, per stream: their leases are renewed.
-        self._inflight: dict[str, set[str]] = {s: set() for s in self.config.streams}
-        self._inflight_lock = threading.Lock()
+        # Entries handed out and not settled yet: their leases are renewed.
+        self._leases = Leases(self.config.streams)
+        # Entries delivered but not handed out yet, renewed too: what a read that finished
+        # in its thread or task delivered (by unit), and what waits for the next batch.
+        self._noted: dict[Any, list[tuple[str, list[str]]]] = {}
         # Settling commands (acks, dead letters) not confirmed by the server yet.
         self._unsent: list[cmd.Command] = []
         # When each kind of refusal that is retried was last logged (time.monotonic()).
@@ -320,6 +332,8 @@ class _ConsumerBase:
             }
 
     _unit_by_stream: dict[str, tuple[tuple[str, int], Any, bool]] = {}  # noqa: RUF012
+    #: on a cluster, the blocking reads in flight by (node, slot): (future or task, node)
+    _reads: dict[tuple[str, int], tuple[Any, Any]]
 
     def _unit_of(self, command: cmd.Command) -> tuple[tuple[str, int], Any, bool]:
         """The unit key, node and whether ASKING goes first, for one XREADGROUP."""
@@ -410,18 +424,20 @@ class _ConsumerBase:
             raise error
         return replies
 
-    def _note_delivered(self, replies: Sequence[Any]) -> None:
-        """A read in flight finished (in its thread or task): the entries it delivered are
-        renewed from now on, also while they wait for the next batch behind a slow handler."""
+    def _note_delivered(self, key: Any, replies: Sequence[Any]) -> None:
+        """A read in flight finished (in its thread or task, or read by the heartbeat): the
+        entries it delivered are renewed from now on, also while they wait for the next batch
+        behind a slow handler, until the driver collects the read (``_collect_noted``)."""
         reply = replies[-1] if replies else None
         if reply is None or isinstance(reply, Exception):
             return
         m = self._machine
-        with self._inflight_lock:
-            for item in reply.items() if isinstance(reply, dict) else reply:
-                ids = self._inflight.get(m.stream_of(item[0]))
-                if ids is not None and item[1]:
-                    ids.update(cmd.as_text(entry[0]) for entry in item[1] if entry[1])
+        noted = []
+        for item in reply.items() if isinstance(reply, dict) else reply:
+            if item[1]:
+                ids = [cmd.as_text(entry[0]) for entry in item[1] if entry[1]]
+                noted.append((m.stream_of(item[0]), ids))
+        self._noted[key] = noted
 
     def _finished_reads(self, reads: dict[tuple[str, int], tuple[Any, Any]]) -> list[Any]:
         """Take the reads of ``reads`` that are done (thread futures or asyncio tasks, which
@@ -430,14 +446,18 @@ class _ConsumerBase:
         for key, (future, node) in list(reads.items()):
             if future.done():
                 del reads[key]
+                self._noted.pop(key, None)  # handed out or carried next: held from there
                 exc = future.exception()
                 finished.append((key, node, exc if exc is not None else future.result()))
         return self._collected(finished)
 
     def _delivered(self, future: Any) -> None:
         """Done-callback of a read in flight (thread future or asyncio task)."""
-        if not future.cancelled() and future.exception() is None:
-            self._note_delivered(future.result())
+        if future.cancelled() or future.exception() is not None:
+            return
+        for key, (current, _node) in list(self._reads.items()):
+            if current is future:  # not collected yet (once collected, the batch holds it)
+                self._note_delivered(key, future.result())
 
     def _unhandled(self, reads: dict[tuple[str, int], tuple[Any, Any]]) -> list[Message]:
         """Closing: the carried entries and what the reads that finished delivered; the reads
@@ -482,22 +502,26 @@ class _ConsumerBase:
         ids = None
         carried = self._machine.carried
         if carried:
-            with self._inflight_lock:
-                for m in carried:
-                    self._inflight[m.stream].add(m.id)
+            self._noted[_CARRIED] = list(_ids_by_stream(carried).items())
+        elif self._noted:
+            self._noted.pop(_CARRIED, None)
         if messages:
-            with self._inflight_lock:
-                if len(self.streams) == 1:
-                    ids = [m.id for m in messages]
-                    self._inflight[self.streams[0]].update(ids)
-                else:
-                    for m in messages:
-                        self._inflight[m.stream].add(m.id)
+            if len(self.streams) == 1:
+                ids = [m.id for m in messages]
+                self._leases.hold(self.streams[0], ids)
+            else:
+                for stream, stream_ids in _ids_by_stream(messages).items():
+                    self._leases.hold(stream, stream_ids)
         return Batch(messages, self, deferred=deferred, ids=ids)
 
     def _forget(self, stream: str, ids: Iterable[str]) -> None:
-        with self._inflight_lock:
-            self._inflight[stream].difference_update(ids)
+        """Stop renewing ``ids`` (settled, or no longer ours); with the list a batch was held
+        by (``Batch._ids``), in one step."""
+        if type(ids) is list:
+            self._leases.release(stream, ids)
+        else:
+            ids = tuple(ids)
+            self._leases.forget(stream, ids)
         if self._machine.retries_waiting:
             for msg_id in ids:
                 self._machine.settled(stream, msg_id)
@@ -505,7 +529,7 @@ class _ConsumerBase:
     def _check_message(self, msg: Any) -> Message:
         if not isinstance(msg, Message):
             raise TypeError(f"expected a Message, got {type(msg).__name__}")
-        if msg.stream not in self._inflight:
+        if msg.stream not in self._leases:
             raise ConfigError(
                 f"message {msg.id} is from stream {msg.stream!r}, which consumer "
                 f"{self.name!r} does not read"
@@ -559,8 +583,7 @@ class _ConsumerBase:
         if policy.should_dead_letter(msg.deliveries, self.config.max_deliveries):
             self._forget(msg.stream, (msg.id,))
             return [self._dead_letter_command(msg, reason)]
-        with self._inflight_lock:
-            self._inflight[msg.stream].discard(msg.id)  # its idle time grows: the backoff
+        self._leases.forget(msg.stream, (msg.id,))  # its idle time grows: the backoff
         delay = self._machine.retry_later(msg, now_ms())
         log.debug("message %s of %r failed (%s); retry in %d ms", msg.id, msg.stream, reason, delay)
         return []
@@ -570,6 +593,9 @@ class _ConsumerBase:
         the acked, a dead-letter move for each given up on; failures are scheduled for retry.
         Messages the handler did not settle count as failed (with its exception, if it raised).
         """
+        if batch._ids is not None and batch.all_acked():  # the hot path: one XACK, no loop
+            self._forget(self.streams[0], batch._ids)
+            return [cmd.xack(self.streams[0], self.group, batch._ids)]
         acked: dict[str, list[str]] = {}
         commands: list[cmd.Command] = []
         unsettled = describe_error(error) if error is not None else "not settled by the handler"
@@ -619,8 +645,7 @@ class _ConsumerBase:
             if batch.outcome(msg) is None:
                 by_stream.setdefault(msg.stream, []).append(msg.id)
         for stream, ids in by_stream.items():
-            with self._inflight_lock:
-                self._inflight[stream].difference_update(ids)
+            self._leases.forget(stream, ids)
         log.error(
             "consumer %r: handler still running after handler_timeout_ms=%d on a batch of %d "
             "(%s..%s); its %d unsettled messages are given up to the other consumers, and its "
@@ -839,8 +864,10 @@ class _ConsumerBase:
     def _heartbeat_commands(self) -> list[tuple[str, cmd.Command]]:
         """``(stream, command)`` pairs: per stream, the beat and the renewal of its in-flight
         entries, in chunks of ``_RENEW_CHUNK`` ids (any batch size fits)."""
-        with self._inflight_lock:
-            inflight = {s: list(ids) for s, ids in self._inflight.items()}
+        inflight = self._leases.renewable()
+        for noted in list(self._noted.values()):
+            for stream, ids in noted:
+                inflight[stream].extend(ids)
         timeout_ms = policy.heartbeat_timeout_ms(self.config.heartbeat_interval_ms)
         out: list[tuple[str, cmd.Command]] = []
         for s in self.streams:
@@ -866,8 +893,7 @@ class _ConsumerBase:
             if refused:
                 self._beat_refused(stream, refused)
             if lost:
-                with self._inflight_lock:
-                    self._inflight[stream].difference_update(lost)
+                self._leases.forget(stream, lost)
                 self.lost_count += len(lost)
                 log.warning(
                     "consumer %r: %d in-flight entries of %r were taken over by another "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -119,13 +120,16 @@ class Message:
     ('orders', '1-0', '42')
     """
 
-    __slots__ = ("deliveries", "fields", "id", "stream")
+    __slots__ = ("_outcome", "deliveries", "fields", "id", "stream")
 
     def __init__(self, stream: str, id: str, fields: Fields, deliveries: int) -> None:
         self.stream = stream
         self.id = id
         self.fields = fields
         self.deliveries = deliveries
+        # What a handler in ``run()`` decided for this delivery (``Batch.outcome``): kept on
+        # the message itself, so settling a batch costs no lookup per message.
+        self._outcome: tuple[str, str | None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -173,6 +177,13 @@ class Message:
 
 #: How a handler settled a message of a Batch in ``run()`` mode.
 ACK, FAIL, DEAD = "ack", "fail", "dead"
+_ACKED: tuple[str, str | None] = (ACK, None)
+_OUTCOME = operator.attrgetter("_outcome")
+
+
+def _outcomes(messages: list[Message]) -> list[tuple[str, str | None] | None]:
+    """The outcome of every message, in one pass in C."""
+    return list(map(_OUTCOME, messages))
 
 
 class Batch(Sequence[Message]):
@@ -191,7 +202,7 @@ class Batch(Sequence[Message]):
     handler did not settle. With ``get_batch()`` they act at once, through the consumer.
     """
 
-    __slots__ = ("_acker", "_ids", "_messages", "_outcomes")
+    __slots__ = ("_acker", "_deferred", "_ids", "_messages")
 
     def __init__(
         self,
@@ -204,9 +215,7 @@ class Batch(Sequence[Message]):
         self._messages = messages
         self._acker = acker
         self._ids = ids  # the messages' ids when they all come from one stream
-        self._outcomes: dict[tuple[str, str], tuple[str, str | None]] | None = (
-            {} if deferred else None
-        )
+        self._deferred = deferred
 
     @overload
     def __getitem__(self, index: int) -> Message: ...
@@ -231,36 +240,40 @@ class Batch(Sequence[Message]):
 
     def ack(self, msg: Message) -> Any:
         """Acknowledge one message."""
-        if self._outcomes is not None:
-            self._outcomes[(msg.stream, msg.id)] = (ACK, None)
+        if self._deferred:
+            msg._outcome = _ACKED
             return None
         return self._consumer().ack(msg)
 
     def ack_all(self) -> Any:
         """Acknowledge every message of the batch (one round trip per stream)."""
-        if self._outcomes is not None:
+        if self._deferred:
             for msg in self._messages:
-                self._outcomes[(msg.stream, msg.id)] = (ACK, None)
+                msg._outcome = _ACKED
             return None
         return self._consumer().ack_many(self._messages)
 
     def fail(self, msg: Message, error: BaseException | str | None = None) -> Any:
         """Processing failed: retry after a backoff, or dead-letter at ``max_deliveries``."""
-        if self._outcomes is not None:
-            self._outcomes[(msg.stream, msg.id)] = (FAIL, describe_error(error))
+        if self._deferred:
+            msg._outcome = (FAIL, describe_error(error))
             return None
         return self._consumer().fail(msg, error)
 
     def dead_letter(self, msg: Message, reason: BaseException | str | None = None) -> Any:
         """Give up on a message: move it to the dead-letter stream now."""
-        if self._outcomes is not None:
-            self._outcomes[(msg.stream, msg.id)] = (DEAD, describe_error(reason))
+        if self._deferred:
+            msg._outcome = (DEAD, describe_error(reason))
             return None
         return self._consumer().dead_letter(msg, reason)
 
     def outcome(self, msg: Message) -> tuple[str, str | None] | None:
         """``(ack|fail|dead, reason)`` recorded for ``msg`` in ``run()`` mode, or None."""
-        return None if self._outcomes is None else self._outcomes.get((msg.stream, msg.id))
+        return msg._outcome if self._deferred else None
+
+    def all_acked(self) -> bool:
+        """True when the handler in ``run()`` acked every message of the batch."""
+        return self._deferred and _outcomes(self._messages).count(_ACKED) == len(self._messages)
 
     def _consumer(self) -> Any:
         if self._acker is None:
