@@ -3,7 +3,7 @@
     python3 dev.py demo [ARGS]   the demo on an embedded Valkey (no Redis needed)
     python3 dev.py test [ARGS]   the whole check: tests on Valkey (and on Redis 7 when
                                  /usr/bin/redis-server exists), ruff, mypy --strict
-    python3 dev.py bench [ARGS]  the throughput benchmark
+    python3 dev.py bench [ARGS]  the whole benchmark, python -m bench (--help: its options)
 
 The environment is created once and refreshed when pyproject.toml changes.
 """
@@ -83,7 +83,7 @@ def main() -> int:
     if job == "demo":
         return run(BIN / "conveyor", "demo", *args)
     if job == "bench":
-        return run(PY, "-m", "bench.throughput", *args)
+        return run(PY, "-m", "bench", *args)
     if job == "test":
         return test(args)
     return 0
