@@ -194,8 +194,9 @@ class Report:
         before them (at 0 when that is the whole stream), so that a consumer that cannot be
         told to stop after ``count`` messages (faststream) finds no more to read."""
         group = self.names.next("group")
-        before = self.admin.xrevrange(stream, count=count + 1)
-        start = before[-1][0] if len(before) > count else "0"
+        start = "0"
+        if self.admin.xlen(stream) > count:
+            start = self.admin.xrevrange(stream, count=count + 1)[-1][0]
         self.admin.xgroup_create(stream, group, start)
         return Run(stream, group, self.s.batch, count, self.s.max_wait_ms)
 

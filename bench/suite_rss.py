@@ -38,7 +38,7 @@ def fill(client: redis.Redis, stream: str, count: int) -> float:
         step = min(FILL_STEP, count - done)
         done += len(producer.send_many(rows(done, step), chunk=PRODUCE_CHUNK))
         if count > FILL_STEP:
-            progress(f"filling {stream!r}: {done:,} of {count:,}")
+            progress(f"filling a stream: {done:,} of {count:,} entries")
     length = client.xlen(stream)
     if length != count:
         raise BenchError(f"filling {stream!r} left {length} entries, not {count}")
