@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,15 +19,23 @@ from typing import Any
 from conveyor import _cluster, _io
 from conveyor._core import commands as cmd
 from conveyor._core import policy, scripts
-from conveyor._leases import Leases
 from conveyor._core.machine import RECLAIM, ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key, key_slot
+from conveyor._leases import Leases
 from conveyor.config import ConsumerConfig
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
 from conveyor.errors import ConfigError, ConnectionLost, ConveyorError
 from conveyor.models import ACK, DEAD, Batch, Message, describe_error
 
-__all__ = ["Handler", "Outage", "_ConsumerBase", "default_consumer_name", "now_ms"]
+__all__ = [
+    "AHEAD",
+    "Ahead",
+    "Handler",
+    "Outage",
+    "_ConsumerBase",
+    "default_consumer_name",
+    "now_ms",
+]
 
 log = logging.getLogger("conveyor.consumer")
 
@@ -43,8 +52,45 @@ _SLOT_PAUSE_MS = 50
 
 Handler = Callable[[Batch], Any]
 
-#: the key of ``_ConsumerBase._noted`` for entries carried to the next batch
-_CARRIED = "carried"
+#: the keys of ``_ConsumerBase._noted`` for entries carried to the next batch, and for what
+#: a read ahead delivered
+_CARRIED, AHEAD = "carried", "ahead"
+
+
+class Ahead:
+    """``run()``'s read ahead: the next batch's first read (new entries, not blocking), sent
+    with the acks waiting before the handler gets the batch in hand. Its replies are read by
+    whoever comes first: the driver once the handler is done, or the heartbeat (which then
+    renews what it delivered) when the handler takes long."""
+
+    __slots__ = (
+        "carry",
+        "collected",
+        "commands",
+        "error",
+        "given_back",
+        "lock",
+        "plan",
+        "replies",
+        "sent_ms",
+        "task",
+    )
+
+    def __init__(
+        self, plan: ReadPlan, carry: list[cmd.Command], commands: Sequence[Any], sent_ms: int
+    ) -> None:
+        self.plan = plan
+        self.sent_ms = sent_ms
+        self.carry = carry
+        self.commands = commands
+        self.replies: list[Any] | None = None
+        self.error: BaseException | None = None
+        #: its entries were given back to the group (the handler ran past its time limit)
+        self.given_back = False
+        #: the driver has taken it (the heartbeat leaves it alone from then on)
+        self.collected = False
+        self.lock = threading.Lock()
+        self.task: Any = None  # asyncio: the task reading the replies
 
 
 def _ids_by_stream(messages: Iterable[Message]) -> dict[str, list[str]]:
@@ -482,15 +528,52 @@ class _ConsumerBase:
 
     def _give_back_commands(self, messages: Sequence[Message]) -> list[cmd.Command]:
         """Entries delivered to this consumer that no handler will see (it is closing): made
-        idle at once, so the other consumers' reclaim takes them now."""
-        by_stream: dict[str, list[str]] = {}
+        idle at once, so the other consumers' reclaim takes them now, with the delivery no
+        handler saw taken back from their count."""
+        by_stream: dict[str, list[str | int]] = {}
         for msg in messages:
-            by_stream.setdefault(msg.stream, []).append(msg.id)
+            by_stream.setdefault(msg.stream, []).extend((msg.id, max(msg.deliveries - 1, 0)))
         idle = self.config.claim_idle_ms
         return [
-            ("EVAL", scripts.GIVE_UP, 1, s, self.group, self.name, idle, *ids)
-            for s, ids in by_stream.items()
+            ("EVAL", scripts.GIVE_BACK, 1, s, self.group, self.name, idle, *pairs)
+            for s, pairs in by_stream.items()
         ]
+
+    _ahead: Ahead | None = None
+    #: run() was stopped at once (second signal): what is unacked stays pending as it is
+    _stop_now = False
+
+    def _ahead_plan(self) -> tuple[ReadPlan, list[cmd.Command], tuple[cmd.Command, ...]] | None:
+        """``run()``, a batch in hand: the next batch's first read and what rides with it, when
+        it can go now (see ``ConsumerMachine.read_ahead``; on a server, not a cluster)."""
+        if self._cluster or self._stopping or not self._ready:
+            return None
+        plan = self._machine.read_ahead(now_ms())
+        if plan is None:
+            return None
+        carry, commands = self._carry(plan)
+        return plan, carry, commands
+
+    def _ahead_replies(self, ahead: Ahead) -> list[Any]:
+        """The replies of a read ahead, collected: raised if it failed (its settling commands
+        go out again with the next read); its read delivered nothing if its entries were given
+        back meanwhile."""
+        self._noted.pop(AHEAD, None)  # handed out from here on (held by the batch)
+        if ahead.error is not None:
+            self._unsent[:0] = ahead.carry
+            raise ahead.error
+        assert ahead.replies is not None
+        if ahead.given_back:
+            return [*ahead.replies[:-1], None]
+        return ahead.replies
+
+    def _ahead_messages(self, ahead: Ahead) -> list[Message]:
+        """What a read ahead delivered (its replies are in)."""
+        assert ahead.replies is not None
+        reply = ahead.replies[-1]
+        if ahead.given_back or isinstance(reply, Exception):
+            return []
+        return self._machine.new_messages(reply)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -35,15 +35,19 @@ __all__ = [
     "acluster_roundtrip",
     "apipelined",
     "apool_roundtrip",
+    "areceive",
     "aroundtrip",
     "arun_plan",
+    "asend",
     "check_client",
     "cluster_roundtrip",
     "lost",
     "pipelined",
     "pool_roundtrip",
+    "receive",
     "roundtrip",
     "run_plan",
+    "send",
     "server_error",
 ]
 
@@ -116,8 +120,25 @@ def _packed(conn: Any, commands: Sequence[Command]) -> Any:
 
 def roundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """Send ``commands`` as one pipeline on ``conn`` and read every reply."""
+    send(conn, commands)
+    return receive(conn, commands)
+
+
+def send(conn: Any, commands: Sequence[Command]) -> None:
+    """The first half of ``roundtrip``: write the pipeline; ``receive`` reads its replies."""
     try:
         conn.send_packed_command(_packed(conn, commands), check_health=False)
+    except LINK_ERRORS as exc:
+        conn.disconnect()
+        raise lost(conn, exc) from exc
+    except BaseException:
+        conn.disconnect()  # half written: the connection is out of step
+        raise
+
+
+def receive(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    """The second half of ``roundtrip``: read the replies of ``commands``, sent before."""
+    try:
         return _read(conn, commands)
     except LINK_ERRORS as exc:
         conn.disconnect()
@@ -145,8 +166,25 @@ def pool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
 
 async def aroundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """``roundtrip`` for an asyncio connection."""
+    await asend(conn, commands)
+    return await areceive(conn, commands)
+
+
+async def asend(conn: Any, commands: Sequence[Command]) -> None:
+    """``send`` for an asyncio connection."""
     try:
         await conn.send_packed_command(_packed(conn, commands), check_health=False)
+    except LINK_ERRORS as exc:
+        await conn.disconnect()
+        raise lost(conn, exc) from exc
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+
+
+async def areceive(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    """``receive`` for an asyncio connection."""
+    try:
         return await _aread(conn, commands)
     except LINK_ERRORS as exc:
         await conn.disconnect()

@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 from conveyor import _io
-from conveyor._consumer_base import FAN_OUT_MARGIN_S, Outage, _ConsumerBase, now_ms
+from conveyor._consumer_base import (
+    AHEAD,
+    FAN_OUT_MARGIN_S,
+    Ahead,
+    Outage,
+    _ConsumerBase,
+    now_ms,
+)
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow
@@ -98,6 +105,7 @@ class AsyncConsumer(_ConsumerBase):
                     continue
                 if not batch:
                     continue
+                await self._read_ahead()
                 error: BaseException | None = None
                 self._handling = (batch, now_ms())
                 try:
@@ -144,7 +152,10 @@ class AsyncConsumer(_ConsumerBase):
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        ahead, self._ahead = self._ahead, None
         try:
+            if ahead is not None:
+                await self._close_ahead(ahead)
             if self._unsent:
                 await self._flush_unsent()
             if self._cluster:
@@ -168,8 +179,6 @@ class AsyncConsumer(_ConsumerBase):
         await self.close()
 
     # -- I/O -----------------------------------------------------------------------------------
-
-    _stop_now = False
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop, grace_period_ms: int) -> list[int]:
         if threading.current_thread() is not threading.main_thread():
@@ -261,29 +270,38 @@ class AsyncConsumer(_ConsumerBase):
         if not self._ready:
             await self._setup()
         m = self._machine
-        m.begin_batch(now_ms())
+        ahead, self._ahead = self._ahead, None
+        m.begin_batch(ahead.sent_ms if ahead is not None else now_ms())
         self._plan_units()
         try:
-            while (plan := m.next_read(now_ms())) is not None:
-                carry, commands = self._carry(plan)
-                try:
-                    raw = await self._roundtrip(plan, carry, commands)
-                except BaseException:
-                    self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
-                    raise
+            plan = ahead.plan if ahead is not None else m.next_read(now_ms())
+            while plan is not None:
+                if ahead is not None and plan is ahead.plan:
+                    carry, raw = ahead.carry, await self._collect(ahead)
+                else:
+                    carry, commands = self._carry(plan)
+                    try:
+                        raw = await self._roundtrip(plan, carry, commands)
+                    except BaseException:
+                        self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
+                        raise
+                if deferred and plan.kind == NEW and m.fills(raw[len(carry) :]):
+                    await self._read_ahead()  # the server works on it while this batch is parsed
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
                     self._warn_recreate()
                     await self._setup()
                     m.group_recreated()
-                    continue
-                m.feed(plan, replies, now_ms())
+                else:
+                    m.feed(plan, replies, now_ms())
+                plan = m.next_read(now_ms())
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
+            await self._drop_ahead()
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -294,6 +312,70 @@ class AsyncConsumer(_ConsumerBase):
             else:
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
+
+    async def _read_ahead(self) -> None:
+        """See ``Consumer._read_ahead``: a task reads its replies (and notes what it delivered,
+        so it is renewed while the handler works)."""
+        if self._ahead is not None:
+            return
+        planned = self._ahead_plan()
+        if planned is None:
+            return
+        ahead = Ahead(*planned, now_ms())
+        try:
+            await _io.asend(self._reader, ahead.commands)
+        except Exception as exc:  # raised where its replies are collected
+            ahead.error = exc
+        else:
+            ahead.task = asyncio.ensure_future(_io.areceive(self._reader, ahead.commands))
+            ahead.task.add_done_callback(lambda task: self._ahead_done(ahead, task))
+        self._ahead = ahead
+
+    def _ahead_done(self, ahead: Ahead, task: asyncio.Task[Any]) -> None:
+        if not ahead.collected and not task.cancelled() and task.exception() is None:
+            self._note_delivered(AHEAD, task.result())
+
+    async def _drop_ahead(self) -> None:
+        """See ``Consumer._drop_ahead``."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead.task is not None:
+                ahead.task.cancel()
+            await self._reader.disconnect(nowait=True)
+            self._unsent[:0] = ahead.carry
+
+    async def _collect(self, ahead: Ahead) -> list[Any]:
+        ahead.collected = True
+        if ahead.replies is None and ahead.error is None:
+            try:
+                ahead.replies = await ahead.task
+            except Exception as exc:
+                ahead.error = exc
+            except BaseException:
+                self._unsent[:0] = ahead.carry
+                raise
+        return self._ahead_replies(ahead)
+
+    async def _close_ahead(self, ahead: Ahead) -> None:
+        """See ``Consumer._close_ahead``."""
+        if ahead.replies is None and ahead.error is None:
+            if self._stop_now:
+                ahead.task.cancel()
+                await self._reader.disconnect(nowait=True)
+                ahead.error = ConnectionLost("stopped at once")
+            else:
+                try:
+                    ahead.replies = await ahead.task
+                except Exception as exc:
+                    ahead.error = exc
+        if ahead.error is not None:
+            self._unsent[:0] = ahead.carry
+            return
+        assert ahead.replies is not None
+        self._carried(ahead.carry, ahead.replies)
+        messages = self._ahead_messages(ahead)
+        if messages:
+            await _io.apool_roundtrip(self.client, self._give_back_commands(messages))
 
     async def _roundtrip(
         self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]

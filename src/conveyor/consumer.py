@@ -13,7 +13,9 @@ from typing import Any
 
 from conveyor import _io
 from conveyor._consumer_base import (
+    AHEAD,
     FAN_OUT_MARGIN_S,
+    Ahead,
     Handler,
     Outage,
     _ConsumerBase,
@@ -95,10 +97,12 @@ class Consumer(_ConsumerBase):
 
         The handler settles messages with ``batch.ack(msg)``, ``batch.fail(msg, error)`` or
         ``batch.dead_letter(msg, reason)``; an exception fails every message it did not settle.
-        The acks of a batch go out in one round trip. A lost connection is retried with
-        backoff; the loop does not die. The first signal finishes the batch in hand within
-        ``grace_period_ms``, acks, and leaves the group; a second stops at once (unacked
-        messages stay pending). Returns after leaving the group.
+        The acks of a batch go out in one round trip with a read of new entries, sent before
+        the handler gets the next batch: the server serves it while the handler works
+        (read-ahead). A lost connection is retried with backoff; the loop does not die. The
+        first signal finishes the batch in hand within ``grace_period_ms``, acks, gives back
+        what was read ahead, and leaves the group; a second stops at once (unacked messages
+        stay pending). Returns after leaving the group.
         """
         outage = Outage(self.name)
         try:
@@ -112,6 +116,7 @@ class Consumer(_ConsumerBase):
                         continue
                     if not batch:
                         continue
+                    self._read_ahead()
                     error: BaseException | None = None
                     self._handling = (batch, now_ms())
                     try:
@@ -121,6 +126,7 @@ class Consumer(_ConsumerBase):
                         self._handler_failed(batch, exc)
                     self._handled(batch, error)
         except (StopNow, KeyboardInterrupt):
+            self._stop_now = True
             log.warning("consumer %r stopped at once; unacked messages stay pending", self.name)
         finally:
             self.close()
@@ -152,7 +158,10 @@ class Consumer(_ConsumerBase):
         self._wake.set()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(5)
+        ahead, self._ahead = self._ahead, None
         try:
+            if ahead is not None:
+                self._close_ahead(ahead)
             if self._unsent:
                 self._flush_unsent()
             if self._cluster:
@@ -190,29 +199,38 @@ class Consumer(_ConsumerBase):
         if not self._ready:
             self._setup()
         m = self._machine
-        m.begin_batch(now_ms())
+        ahead, self._ahead = self._ahead, None
+        m.begin_batch(ahead.sent_ms if ahead is not None else now_ms())
         self._plan_units()
         try:
-            while (plan := m.next_read(now_ms())) is not None:
-                carry, commands = self._carry(plan)
-                try:
-                    raw = self._roundtrip(plan, carry, commands)
-                except BaseException:
-                    self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
-                    raise
+            plan = ahead.plan if ahead is not None else m.next_read(now_ms())
+            while plan is not None:
+                if ahead is not None and plan is ahead.plan:
+                    carry, raw = ahead.carry, self._collect(ahead)
+                else:
+                    carry, commands = self._carry(plan)
+                    try:
+                        raw = self._roundtrip(plan, carry, commands)
+                    except BaseException:
+                        self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
+                        raise
+                if deferred and plan.kind == NEW and m.fills(raw[len(carry) :]):
+                    self._read_ahead()  # the server works on it while this batch is parsed
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
                     self._warn_recreate()
                     self._setup()
                     m.group_recreated()
-                    continue
-                m.feed(plan, replies, now_ms())
+                else:
+                    m.feed(plan, replies, now_ms())
+                plan = m.next_read(now_ms())
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
+            self._drop_ahead()
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -223,6 +241,94 @@ class Consumer(_ConsumerBase):
             else:
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
+
+    def _read_ahead(self) -> None:
+        """``run()``: send the next batch's first read with the acks waiting, before the
+        handler gets the batch in hand; its replies are read once the handler is done."""
+        if self._ahead is not None:
+            return
+        planned = self._ahead_plan()
+        if planned is None:
+            return
+        ahead = Ahead(*planned, now_ms())
+        try:
+            _io.send(self._reader, ahead.commands)
+        except Exception as exc:  # raised where its replies are collected
+            ahead.error = exc
+        self._ahead = ahead
+
+    def _drop_ahead(self) -> None:
+        """A batch failed with a read ahead out: its reply is dropped with the connection (what
+        it delivered is re-read from the pending list); its acks go out again."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._reader.disconnect()
+            self._unsent[:0] = ahead.carry
+
+    def _collect(self, ahead: Ahead) -> list[Any]:
+        try:
+            with ahead.lock:
+                ahead.collected = True
+                if ahead.replies is None and ahead.error is None:
+                    try:
+                        ahead.replies = _io.receive(self._reader, ahead.commands)
+                    except Exception as exc:
+                        ahead.error = exc
+        except BaseException:
+            self._unsent[:0] = ahead.carry
+            raise
+        return self._ahead_replies(ahead)
+
+    def _renew_ahead(self) -> None:
+        """Heartbeat thread, the handler taking long: the replies of the read ahead, once they
+        are in, are read here so that what it delivered is renewed with this beat; when the
+        handler has run past ``handler_timeout_ms``, its entries are given back instead."""
+        ahead = self._ahead
+        if ahead is None or not ahead.lock.acquire(blocking=False):
+            return
+        try:
+            if ahead.collected or ahead.given_back:
+                return
+            if ahead.replies is None and ahead.error is None:
+                try:
+                    if not self._reader.can_read(0):
+                        return
+                    ahead.replies = _io.receive(self._reader, ahead.commands)
+                except Exception as exc:
+                    ahead.error = exc
+                    return
+            handling = self._handling
+            if handling is None or self._given_up is not handling[0]:
+                self._note_delivered(AHEAD, ahead.replies or [])
+                return
+            messages = self._ahead_messages(ahead)
+            if messages:
+                _io.pool_roundtrip(self.client, self._give_back_commands(messages))
+            ahead.given_back = True
+            self._noted.pop(AHEAD, None)
+        finally:
+            ahead.lock.release()
+
+    def _close_ahead(self, ahead: Ahead) -> None:
+        """Closing with a read ahead out: its acks counted, its entries given back to the group
+        at once; stopped at once, or cut off, they stay pending (for a restart or a reclaim)."""
+        if ahead.replies is None and ahead.error is None:
+            if self._stop_now:
+                self._reader.disconnect()
+                ahead.error = ConnectionLost("stopped at once")
+            else:
+                try:
+                    ahead.replies = _io.receive(self._reader, ahead.commands)
+                except Exception as exc:
+                    ahead.error = exc
+        if ahead.error is not None:
+            self._unsent[:0] = ahead.carry
+            return
+        assert ahead.replies is not None
+        self._carried(ahead.carry, ahead.replies)
+        messages = self._ahead_messages(ahead)
+        if messages:
+            _io.pool_roundtrip(self.client, self._give_back_commands(messages))
 
     def _roundtrip(
         self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]
@@ -333,9 +439,11 @@ class Consumer(_ConsumerBase):
                 handling = self._handling
                 if handling is not None and self._handler_overdue(now_ms()):
                     _io.pool_roundtrip(self.client, self._give_up_commands(handling[0]))
+                    self._renew_ahead()
                 if now_ms() < next_beat:
                     continue
                 next_beat = now_ms() + interval_ms
+                self._renew_ahead()
                 self._beat()
                 if failing:
                     log.warning("consumer %r: heartbeats resumed", self.name)

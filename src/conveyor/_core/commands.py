@@ -27,6 +27,7 @@ __all__ = [
     "as_text",
     "command_key",
     "convert_fields",
+    "count_entries",
     "error_code",
     "error_text",
     "id_order",
@@ -385,6 +386,14 @@ def parse_read(
             out.append(Message(stream, msg_id, fields, count))
         result.last_ids[stream] = last
     return result
+
+
+def count_entries(reply: Any) -> int:
+    """How many entries an XREADGROUP reply holds, without parsing them."""
+    if reply is None or isinstance(reply, Exception):
+        return 0
+    per_stream = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
+    return sum(len(entries) for entries in per_stream if entries)
 
 
 def _plain(entries: Any, encoding: str | None) -> bool:

@@ -147,8 +147,31 @@ class ConsumerMachine:
             wait_ms = min(wait_ms, self._first_ms + linger - now_ms)
         if wait_ms <= 0 and self._new_reads > 0:  # new entries are read at least once
             return None
+        return self._new_plan(remaining, wait_ms if wait_ms > 0 else None)
+
+    def read_ahead(self, now_ms: int) -> ReadPlan | None:
+        """The next batch's first read, a read of new entries that does not block, to send
+        now, when that is how the next batch would begin anyway: nothing of its own to re-read,
+        no retry due, no reclaim round due. ``run()`` sends it before its handler gets the batch
+        in hand (as soon as the last reply of the batch is in), so the server serves it
+        meanwhile. The driver begins the next batch with ``begin_batch(sent_ms)``, feeds this
+        plan's replies and goes on with ``next_read`` as usual. None: the next batch begins as
+        usual.
+        """
+        if self._pending_after or self._carry or now_ms >= self._next_reclaim_ms:
+            return None
+        if self._retry_due and min(self._retry_due.values()) <= now_ms:
+            return None
+        return self._new_plan(self.config.batch_size, None)
+
+    def fills(self, replies: Sequence[Any]) -> bool:
+        """True when the replies of a read of new entries complete this batch (counted, not
+        parsed yet)."""
+        room = self.config.batch_size - len(self._buffer)
+        return sum(cmd.count_entries(reply) for reply in replies) >= room
+
+    def _new_plan(self, remaining: int, block: int | None) -> ReadPlan:
         streams, count = self._share(self.config.streams, remaining)
-        block = wait_ms if wait_ms > 0 else None
         c = self.config
         if len(self._units) == 1:
             read = cmd.xreadgroup(c.group, c.consumer, streams, (">",) * len(streams), count, block)

@@ -299,6 +299,28 @@ return #mine
 """
 )
 
+#: Give back entries delivered to this consumer that no handler saw (read ahead, or carried
+#: to a next batch, when it closes): idle at once, so other consumers' reclaim takes them now,
+#: and their delivery count set back to what it was before that delivery (RETRYCOUNT), so the
+#: reclaim that takes them counts it once. Only entries this consumer still owns.
+#: KEYS[1] stream; ARGV group, consumer, idle ms, then (id, delivery count) pairs.
+#: Returns how many.
+GIVE_BACK = (
+    _CALL
+    + """
+local n = 0
+for i = 4, #ARGV, 2 do
+  local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+      'IDLE', ARGV[3], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
 #: Create the group (MKSTREAM). If the server refuses (out of memory, ACL) but the group
 #: exists, the consumer can start all the same. KEYS[1] stream; ARGV group, start id.
 #: Returns 'created', 'exists', or 'refused: <error>' when refused although the group exists.
