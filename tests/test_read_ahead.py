@@ -65,6 +65,31 @@ def test_the_next_batch_is_read_while_the_handler_works(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_on_a_cluster_too_the_next_batch_is_read_while_the_handler_works(
+    kind: str, cluster_url: str, name: Name
+) -> None:
+    rc = conveyor.connect(cluster_url)
+    s = name("s")
+    produced = set(fill(rc, s, 30))
+    during: list[int] = []
+
+    def handler(w: Worker, batch: Batch) -> None:
+        if not during:
+            wait_for(lambda: pending(rc, s) >= 20, what="the next batch read during the handler")
+            during.append(pending(rc, s))
+        w._default(batch)
+
+    w = Worker(kind, cluster_url, s, "g", handler, batch_size=10, max_wait_ms=100).start()
+    try:
+        w.finish(produced)
+    finally:
+        rc.close()
+    assert during == [20]
+    assert sorted(i for i, _ in w.seen) == sorted(produced)
+    assert {d for _, d in w.seen} == {1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_what_was_read_ahead_is_renewed_while_a_slow_handler_works(
     kind: str, redis_url: str, r: redis.Redis, name: Name
 ) -> None:

@@ -540,8 +540,30 @@ class _ConsumerBase:
         ]
 
     _ahead: Ahead | None = None
+    #: on a cluster: when the next batch began, its reads of new entries started ahead
+    _ahead_ms: int | None = None
     #: run() was stopped at once (second signal): what is unacked stays pending as it is
     _stop_now = False
+
+    def _began_ms(self, ahead: Ahead | None) -> int:
+        """When the batch ``_read_batch`` is about to fill began: when its read ahead went
+        out, or now."""
+        began, self._ahead_ms = self._ahead_ms, None
+        if ahead is not None:
+            return ahead.sent_ms
+        return began if began is not None else now_ms()
+
+    def _cluster_ahead(self) -> ReadPlan | None:
+        """On a cluster, ``run()``: the next batch's reads of new entries to start now (one per
+        (node, slot), in threads or tasks, see ``ConsumerMachine.read_ahead``); the batch's
+        first step collects them. Acks go out with that step."""
+        if self._ahead_ms is not None or self._stopping or not self._ready:
+            return None
+        now = now_ms()
+        plan = self._machine.read_ahead(now)
+        if plan is not None:
+            self._ahead_ms = now
+        return plan
 
     def _ahead_plan(self) -> tuple[ReadPlan, list[cmd.Command], tuple[cmd.Command, ...]] | None:
         """``run()``, a batch in hand: the next batch's first read and what rides with it, when

@@ -271,7 +271,7 @@ class AsyncConsumer(_ConsumerBase):
             await self._setup()
         m = self._machine
         ahead, self._ahead = self._ahead, None
-        m.begin_batch(ahead.sent_ms if ahead is not None else now_ms())
+        m.begin_batch(self._began_ms(ahead))
         self._plan_units()
         try:
             plan = ahead.plan if ahead is not None else m.next_read(now_ms())
@@ -316,6 +316,11 @@ class AsyncConsumer(_ConsumerBase):
     async def _read_ahead(self) -> None:
         """See ``Consumer._read_ahead``: a task reads its replies (and notes what it delivered,
         so it is renewed while the handler works)."""
+        if self._cluster:
+            plan = self._cluster_ahead()
+            if plan is not None:
+                self._start_reads(plan, now_ms())
+            return
         if self._ahead is not None:
             return
         planned = self._ahead_plan()
@@ -405,11 +410,7 @@ class AsyncConsumer(_ConsumerBase):
     async def _fan_out(self, plan: ReadPlan) -> list[Any]:
         """See ``Consumer._fan_out``: one task per blocking read."""
         now = now_ms()
-        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
-            reader = self._unit_reader(key, node)
-            task = asyncio.ensure_future(_io.aroundtrip(reader, commands))
-            task.add_done_callback(self._delivered)
-            self._reads[key] = (task, node)
+        self._start_reads(plan, now)
         wait_s = (plan.block_ms or 0) / 1000
         if not self._reads:  # every slot paused for a moment: wait, never spin
             await asyncio.sleep(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
@@ -424,6 +425,13 @@ class AsyncConsumer(_ConsumerBase):
         finally:
             if self._stale_map:
                 await self._refresh()
+
+    def _start_reads(self, plan: ReadPlan, now: int) -> None:
+        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
+            reader = self._unit_reader(key, node)
+            task = asyncio.ensure_future(_io.aroundtrip(reader, commands))
+            task.add_done_callback(self._delivered)
+            self._reads[key] = (task, node)
 
     def _abandon_reads(self) -> None:
         if self._cluster:

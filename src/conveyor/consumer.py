@@ -200,7 +200,7 @@ class Consumer(_ConsumerBase):
             self._setup()
         m = self._machine
         ahead, self._ahead = self._ahead, None
-        m.begin_batch(ahead.sent_ms if ahead is not None else now_ms())
+        m.begin_batch(self._began_ms(ahead))
         self._plan_units()
         try:
             plan = ahead.plan if ahead is not None else m.next_read(now_ms())
@@ -245,6 +245,11 @@ class Consumer(_ConsumerBase):
     def _read_ahead(self) -> None:
         """``run()``: send the next batch's first read with the acks waiting, before the
         handler gets the batch in hand; its replies are read once the handler is done."""
+        if self._cluster:
+            plan = self._cluster_ahead()
+            if plan is not None:
+                self._start_reads(plan, now_ms())
+            return
         if self._ahead is not None:
             return
         planned = self._ahead_plan()
@@ -362,15 +367,7 @@ class Consumer(_ConsumerBase):
         return the replies of those that finish first (the others stay in flight, for the
         next step or batch), waiting at most the plan's block time."""
         now = now_ms()
-        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=64, thread_name_prefix=f"conveyor-read-{self.name}"
-                )
-            reader = self._unit_reader(key, node)
-            future = self._pool.submit(_io.roundtrip, reader, commands)
-            future.add_done_callback(self._delivered)
-            self._reads[key] = (future, node)
+        self._start_reads(plan, now)
         wait_s = (plan.block_ms or 0) / 1000
         if not self._reads:  # every slot paused for a moment: wait, never spin
             self._wake.wait(max(min(self._pause_ms(now) / 1000, wait_s), 0.001))
@@ -385,6 +382,17 @@ class Consumer(_ConsumerBase):
         finally:
             if self._stale_map:
                 self._refresh()
+
+    def _start_reads(self, plan: ReadPlan, now: int) -> None:
+        for key, node, commands, _asking in self._sendable(plan, self._reads, now):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=64, thread_name_prefix=f"conveyor-read-{self.name}"
+                )
+            reader = self._unit_reader(key, node)
+            future = self._pool.submit(_io.roundtrip, reader, commands)
+            future.add_done_callback(self._delivered)
+            self._reads[key] = (future, node)
 
     def _abandon_reads(self) -> None:
         if self._cluster:
