@@ -12,6 +12,7 @@ from conveyor._core import scripts
 from conveyor._core.machine import ConsumerMachine
 from conveyor.config import ConsumerConfig
 from conveyor.errors import ConfigError
+from conveyor.models import Message
 
 
 def machine(**kw: Any) -> ConsumerMachine:
@@ -208,3 +209,55 @@ def test_several_streams_never_overfill_a_batch(
         now += 10
         m.feed(plan, [reply or None], now)
     assert len(m.end_batch()) <= batch_size
+
+
+# -- read-ahead ----------------------------------------------------------------------------------
+
+
+def started(batch_size: int = 3, **kw: Any) -> ConsumerMachine:
+    """A machine past its first batch's own pending read and reclaim round."""
+    m = machine(batch_size=batch_size, **kw)
+    m.begin_batch(0)
+    plan = m.next_read(0)
+    assert plan is not None
+    m.feed(plan, [None, []], 0)
+    skip_reclaim(m, 0)
+    return m
+
+
+def test_the_read_ahead_is_the_next_batchs_read_of_new_entries_and_never_blocks() -> None:
+    m = started(batch_size=3, max_wait_ms=500)
+    plan = m.next_read(0)
+    assert plan is not None and plan.kind == "new"
+    assert m.fills([entries("s", 1, 3)]) and not m.fills([entries("s", 1, 2)])
+    m.feed(plan, [entries("s", 1, 3)], 10)
+    ahead = m.read_ahead(10)
+    assert ahead is not None and ahead.kind == "new" and ahead.block_ms is None
+    assert ahead.commands[0][:6] == ("XREADGROUP", "GROUP", "g", "c", "COUNT", 3)
+    assert "BLOCK" not in ahead.commands[0]
+    assert [msg.id for msg in m.end_batch()] == ["1-0", "2-0", "3-0"]
+    # the next batch began when the read ahead went out: its wait counts from then
+    m.begin_batch(10)
+    m.feed(ahead, [entries("s", 4, 1)], 400)
+    plan = m.next_read(400)
+    assert plan is not None and plan.block_ms == 110 and plan.commands[0][5] == 2
+
+
+def test_no_read_ahead_when_the_next_batch_begins_otherwise() -> None:
+    m = machine(batch_size=3)
+    assert m.read_ahead(0) is None  # own pending list to read first
+    m = started(batch_size=3, heartbeat_ms=1000, claim_idle_ms=3000, retry_backoff_ms=100)
+    assert m.read_ahead(999) is not None
+    assert m.read_ahead(1000) is None  # a reclaim round is due
+    m.retry_later(Message("s", "9-0", {"n": "9"}, 1), now_ms=0)
+    assert m.read_ahead(99) is not None
+    assert m.read_ahead(100) is None  # a failed message's retry is due first
+
+
+def test_count_entries_counts_without_parsing() -> None:
+    from conveyor._core.commands import count_entries
+
+    assert count_entries(None) == 0
+    assert count_entries(ValueError("x")) == 0
+    assert count_entries(entries("s", 1, 3) + entries("t", 1, 2)) == 5
+    assert count_entries({"s": [["1-0", ["a", "b"]]], "t": None}) == 1
