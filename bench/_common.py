@@ -1,4 +1,5 @@
-"""What the benchmarks share: the error they raise, the server options, and ``main()``'s tail.
+"""What the benchmarks share: the error they raise (bench._runs's), the server options, and
+``main()``'s tail.
 
 ``run_main`` runs a benchmark body, turns an expected failure into one "benchmark failed: ..."
 line on stderr and exit code 1, closes whatever the body opened, and with ``--json`` writes the
@@ -17,14 +18,9 @@ from typing import Any, TextIO
 import redis
 
 import conveyor
+from bench._runs import BenchError
 from conveyor import EmbeddedServer
 from conveyor.connection import redact_url
-
-
-class BenchError(RuntimeError):
-    """A run did not do what it measures: a wrong count, a message lost or read twice, leftover
-    pending entries, or a worker or child process that failed."""
-
 
 #: the failures a benchmark reports as "benchmark failed: ..." (exit 1) rather than a traceback
 FAILURES: tuple[type[BaseException], ...] = (

@@ -81,7 +81,6 @@ import asyncio
 import contextlib
 import gc
 import math
-import multiprocessing
 import os
 import platform
 import sys
@@ -102,6 +101,7 @@ from bench._common import (
     run_main,
     start_server,
 )
+from bench._runs import CHILD_START_TIMEOUT_S, answer, read_entries, receive, spawned
 from conveyor import AsyncConsumer, Consumer
 from conveyor._keys import dead_letter_key, heartbeat_key
 
@@ -116,8 +116,6 @@ RAW_BLOCK_MS = 1_000
 PAYLOAD = "x" * 100
 #: how long after the producer's last send the consumer may take to read everything
 DRAIN_TIMEOUT_S = 15.0
-#: how long an idle child may take to start (spawn, imports, connection, first read)
-CHILD_START_TIMEOUT_S = 60.0
 PERCENTILES = (50, 90, 99)
 
 
@@ -163,15 +161,6 @@ def _summary_ms(values_ns: Sequence[int]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _read_entries(reply: Any) -> list[Any]:
-    """The entries of a one-stream XREADGROUP reply as redis-py returns it (list or dict)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(next(iter(reply.values())))
-    return list(reply[0][1])
 
 
 def _server_version(admin: redis.Redis) -> str:
@@ -350,7 +339,7 @@ def raw_loop(url: str, case: Case, stream: str, group: str, pacer: Pacer, tally:
                 group, "raw", {stream: ">"}, count=BATCH_SIZE, block=case.max_wait_ms
             )
             in_hand = time.perf_counter_ns()
-            entries = _read_entries(reply)
+            entries = read_entries(reply)
             if entries:
                 tally.take(in_hand, (f for _, f in entries))
                 tally.acked += r.xack(stream, group, *[e[0] for e in entries])
@@ -519,10 +508,7 @@ def _idle_child(job: IdleJob, conn: Any) -> None:
     server's command counts of the window do not include the leaving."""
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
-        try:
-            conn.send(("result", _idle(job, conn, stack)))
-        except BaseException as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        answer(conn, lambda: _idle(job, conn, stack))
 
 
 def _idle(job: IdleJob, conn: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -535,7 +521,7 @@ def _idle(job: IdleJob, conn: Any, stack: contextlib.ExitStack) -> dict[str, Any
             reply = r.xreadgroup(
                 job.group, "raw", {job.stream: ">"}, count=BATCH_SIZE, block=case.max_wait_ms
             )
-            return len(_read_entries(reply))
+            return len(read_entries(reply))
 
     else:
         client = conveyor.connect(job.url)
@@ -569,38 +555,18 @@ def _idle(job: IdleJob, conn: Any, stack: contextlib.ExitStack) -> dict[str, Any
     return {"cpu_s": cpu, "wall_s": wall, "loop_reads": calls, "received": got}
 
 
-def _receive(conn: Any, timeout_s: float, what: str) -> Any:
-    if not conn.poll(timeout_s):
-        raise BenchError(f"{what}: the child process did not answer within {timeout_s:.0f}s")
-    kind, payload = conn.recv()
-    if kind == "error":
-        raise BenchError(f"{what}: {payload}")
-    return payload
-
-
 def measure_idle(s: Settings, admin: redis.Redis, names: Names, case: Case) -> dict[str, Any]:
     """One idle consumer in a child process: its CPU and the commands the server saw."""
     stream, group = names.pair(f"idle:{case.key}")
     admin.xgroup_create(stream, group, "0", mkstream=True)
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
     job = IdleJob(s.url, case, stream, group)
-    p = ctx.Process(target=_idle_child, args=(job, child), name="bench-idle", daemon=True)
-    p.start()
-    child.close()
     what = f"idle {case.key}"
-    try:
-        _receive(parent, CHILD_START_TIMEOUT_S, what)
+    with spawned(_idle_child, (job,), "bench-idle") as conn:
+        receive(conn, CHILD_START_TIMEOUT_S, what)
         before = _command_calls(admin)
-        parent.send(s.idle_seconds)
-        child_result = _receive(parent, s.idle_seconds + case.max_wait_ms / 1000 + 30, what)
+        conn.send(s.idle_seconds)
+        child_result = receive(conn, s.idle_seconds + case.max_wait_ms / 1000 + 30, what)
         reads, other = _calls_between(before, _command_calls(admin))
-        p.join(30)
-    finally:
-        parent.close()
-        if p.is_alive():  # only on failure: a child that reported back has ended by now
-            p.terminate()
-            p.join(5)
     if child_result["received"]:
         raise BenchError(f"{what}: read {child_result['received']} entries from an empty stream")
     wall, cpu = child_result["wall_s"], child_result["cpu_s"]

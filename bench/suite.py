@@ -7,8 +7,9 @@ run that does not read and acknowledge exactly what it should fails the benchmar
 **consume** (``--messages`` entries, 200,000 by default, of five fields and about 100 bytes of
 values each; ``--batch`` 500). One stream is filled before any timing; every run reads all of it
 with a new consumer group created at id 0 and stops once it has read every entry, then checks
-that exactly that many were read and acknowledged and that ``XPENDING`` is 0. The rows, in
-two families, each with its reference row (1.00x):
+that exactly that many were read and acknowledged and that ``XPENDING`` is 0. Each row's
+client is made and connected (``PING``) before its timing. The rows, in two families, each
+with its reference row (1.00x):
 
 * sync, reference: a redis-py loop on ``redis.Redis(decode_responses=True)`` that makes one
   round trip a batch: a pipeline (``transaction=False``) of ``XACK`` of the previous batch's ids
@@ -31,16 +32,30 @@ two families, each with its reference row (1.00x):
   the messages counted are the others; the broker is stopped after the timing. faststream runs
   on asyncio, so its ratio is to the asyncio reference.
 
+Every run of every row, the reference rows' and the warm-ups included, is made in a fresh child
+process (``multiprocessing``, spawn) that imports only what its row needs: redis for the
+reference rows, conveyor, walrus or faststream for the others. It makes the row's client, times
+the run, checks it and sends back the messages counted with the wall and CPU time; its start-up
+is outside the timing. Why: a full garbage collection walks every object of the process, and
+once walrus, faststream and pydantic are imported each costs about 25 ms; in one process shared
+by all rows, every row that allocates per message would pay that whichever library brought
+them in, and the ratios would say as much about the imports as about the rows (on one
+machine Consumer.run measured 1.25x the reference in a process that had imported all three, and
+1.47x in one that had not). This process never imports walrus or faststream:
+``importlib.util.find_spec`` tells whether they are installed.
+
 walrus and faststream are optional (``pip install 'conveyor[bench]'``); a row whose library is
 not installed says so. After one untimed warm-up run per row, ``--repeat`` rounds run every row
 once, in an order that rotates by one each round so that drift on the machine hits every row
 alike. Each row shows its median msg/s, the median of its per-round ratios (row / reference of
 its family in the same round), their minimum..maximum, and the client's CPU time per message
-(this process, all its threads; the server's work is not in it).
+(the run's child process, all its threads; the server's work is not in it). A run that fails in
+its child fails the benchmark with a line that names the row.
 
 **produce** (``--messages`` entries, the same rows): a redis-py pipeline of ``XADD`` in chunks
 of 500 (reference) beside ``Producer.send_many(rows, chunk=500)``, each run to a new stream that
-is checked (``XLEN``) and deleted; bench.throughput's functions, in rounds as above.
+is checked (``XLEN``) and deleted; bench._runs's ``raw_produce`` and bench.throughput's
+``conveyor_produce``, each run in a child process of its own and in rounds as above.
 
 **latency**: bench.latency's ``raw`` (redis-py ``XREADGROUP BLOCK`` + ``XACK``) and
 ``conveyor`` (``Consumer`` with ``linger_ms=0``) cases: a producer thread writes 2,000 msg/s
@@ -75,7 +90,6 @@ itself failed (2 for bad arguments).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import platform
@@ -86,39 +100,30 @@ from dataclasses import dataclass, fields
 from typing import Any, NoReturn, TextIO
 
 import redis
-import redis.asyncio
 
 import conveyor
 from bench import latency
 from bench._common import add_server_options, positive_int, run_main, start_server
+from bench._runs import PRODUCE_CHUNK, Run
 from bench.suite_consume import (
     HEADER,
-    Measured,
     Row,
     conveyor_async_run,
     conveyor_get_batch,
     conveyor_run,
+    conveyor_send_many,
     faststream_consume,
-    faststream_installed,
     format_row,
     interleave,
+    library_installed,
     progress,
     ref_async,
+    ref_produce,
     ref_sync,
-    rows,
     walrus_consume,
-    walrus_db,
 )
 from bench.suite_rss import RssJob, fill, measure_rss
-from bench.throughput import (
-    PRODUCE_CHUNK,
-    Names,
-    Run,
-    _server_version,
-    _warmup_count,
-    conveyor_produce,
-    raw_produce,
-)
+from bench.throughput import Names, _server_version, _warmup_count
 
 __all__ = ["main"]
 
@@ -173,9 +178,11 @@ class Report:
     def say(self, *lines: str) -> None:
         print(*lines, sep="\n", file=self.out, flush=True)
 
-    def table(self, key: str, title: str, table: list[Row], warm: int) -> None:
+    def table(
+        self, key: str, title: str, table: list[Row], warm: int, new_run: Callable[[int], Run]
+    ) -> None:
         n = self.s.sizes.messages
-        interleave(table, self.s.sizes.repeat, n, warm, key)
+        interleave(table, self.s.sizes.repeat, n, warm, key, self.s.url, new_run)
         self.say("", title, HEADER)
         families = list(dict.fromkeys(row.family for row in table))
         for family in families:
@@ -201,74 +208,47 @@ class Report:
         return Run(stream, group, self.s.batch, count, self.s.max_wait_ms)
 
     def consume(self) -> None:
-        s, admin, n = self.s, self.admin, self.s.sizes.messages
+        s, n = self.s, self.s.sizes.messages
         stream = self.names.next("consume")
         with conveyor.connect(s.url) as filler:
             took = fill(filler, stream, n)
         progress(f"consume: filled with {n:,} entries in {took:.1f}s")
-        r = redis.Redis.from_url(s.url, decode_responses=True)
-        client = conveyor.connect(s.url)
-        db = walrus_db(s.url)
-        with asyncio.Runner() as runner, contextlib.ExitStack() as stack:
-            for closable in (r, client, db):
-                if closable is not None:
-                    stack.callback(closable.close)
-            ar = redis.asyncio.Redis.from_url(s.url, decode_responses=True)
-            aclient = conveyor.connect(s.url, asyncio=True)
-            stack.callback(lambda: runner.run(ar.aclose()))
-            stack.callback(lambda: runner.run(aclient.aclose()))
-
-            def on(fn: Callable[[Any, redis.Redis, Any], Any], c: Any) -> Callable[[int], Any]:
-                def measure(count: int) -> Measured:
-                    result = fn(c, admin, self.tail_run(stream, count))
-                    return runner.run(result) if asyncio.iscoroutine(result) else result
-
-                return measure
-
-            table = [
-                Row("redis_py", "redis-py: XACK + XREADGROUP pipelined (reference)", "sync",
-                    on(ref_sync, r), reference=True),
-                Row("conveyor_run", "Consumer.run(handler)", "sync", on(conveyor_run, client)),
-                Row("conveyor_get_batch", "Consumer.get_batch() + ack_many(batch)", "sync",
-                    on(conveyor_get_batch, client)),
-                Row("walrus", "walrus ConsumerGroup.read() + ack(*ids)", "sync",
-                    None if db is None else on(walrus_consume, db)),
-                Row("redis_py_async", "redis.asyncio: XACK + XREADGROUP pipelined (reference)",
-                    "asyncio", on(ref_async, ar), reference=True),
-                Row("conveyor_async_run", "AsyncConsumer.run(handler)", "asyncio",
-                    on(conveyor_async_run, aclient)),
-                Row("faststream", "faststream batch subscriber, msg.ack()", "asyncio",
-                    on(faststream_consume, s.url) if faststream_installed() else None),
-            ]  # fmt: skip
-            warm = min(n, max(2 * s.batch, _warmup_count(n, s.batch)))
-            title = (
-                f"consume: {n:,} entries (5 fields, ~100 B), batch {s.batch}, "
-                f"{_rounds(s.sizes.repeat)}; median msg/s, median ratio to the family's reference"
-            )
-            self.table("consume", title, table, warm)
-        admin.delete(stream)
+        walrus = walrus_consume if library_installed("walrus") else None
+        faststream = faststream_consume if library_installed("faststream") else None
+        table = [
+            Row("redis_py", "redis-py: XACK + XREADGROUP pipelined (reference)", "sync", ref_sync,
+                reference=True),
+            Row("conveyor_run", "Consumer.run(handler)", "sync", conveyor_run),
+            Row("conveyor_get_batch", "Consumer.get_batch() + ack_many(batch)", "sync",
+                conveyor_get_batch),
+            Row("walrus", "walrus ConsumerGroup.read() + ack(*ids)", "sync", walrus),
+            Row("redis_py_async", "redis.asyncio: XACK + XREADGROUP pipelined (reference)",
+                "asyncio", ref_async, reference=True),
+            Row("conveyor_async_run", "AsyncConsumer.run(handler)", "asyncio", conveyor_async_run),
+            Row("faststream", "faststream batch subscriber, msg.ack()", "asyncio", faststream),
+        ]  # fmt: skip
+        warm = min(n, max(2 * s.batch, _warmup_count(n, s.batch)))
+        title = (
+            f"consume: {n:,} entries (5 fields, ~100 B), batch {s.batch}, "
+            f"{_rounds(s.sizes.repeat)}; median msg/s, median ratio to the family's reference"
+        )
+        self.table("consume", title, table, warm, lambda count: self.tail_run(stream, count))
+        self.admin.delete(stream)
 
     def produce(self) -> None:
-        s, admin = self.s, self.admin
-        data = list(rows(0, s.sizes.messages))
-        r = redis.Redis.from_url(s.url, decode_responses=True)
-        client = conveyor.connect(s.url)
-        with r, client:
+        n = self.s.sizes.messages
+        table = [
+            Row("redis_py", f"redis-py: XADD pipelines of {PRODUCE_CHUNK} (reference)", "produce",
+                ref_produce, reference=True),
+            Row("conveyor", f"Producer.send_many(rows, chunk={PRODUCE_CHUNK})", "produce",
+                conveyor_send_many),
+        ]  # fmt: skip
 
-            def on(fn: Callable[..., Any], c: Any) -> Callable[[int], Measured]:
-                def measure(count: int) -> Measured:
-                    return Measured(count, fn(c, admin, self.names.next("produce"), data[:count]))
+        def new_run(count: int) -> Run:
+            return Run(self.names.next("produce"), "", PRODUCE_CHUNK, count, 0)
 
-                return measure
-
-            table = [
-                Row("redis_py", f"redis-py: XADD pipelines of {PRODUCE_CHUNK} (reference)",
-                    "produce", on(raw_produce, r), reference=True),
-                Row("conveyor", f"Producer.send_many(rows, chunk={PRODUCE_CHUNK})", "produce",
-                    on(conveyor_produce, client)),
-            ]  # fmt: skip
-            title = f"produce: {s.sizes.messages:,} entries, {_rounds(s.sizes.repeat)}"
-            self.table("produce", title, table, min(len(data), 2_000))
+        title = f"produce: {n:,} entries, {_rounds(self.s.sizes.repeat)}"
+        self.table("produce", title, table, min(n, 2_000), new_run)
 
     def latency_settings(self) -> latency.Settings:
         s = self.s

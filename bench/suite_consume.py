@@ -1,35 +1,51 @@
 """The consume and produce sections of ``python -m bench``: rows, rounds and their ratios.
 
-What each row measures is written in bench/suite.py's docstring. This module holds the timed
-loops (the one-round-trip reference loops, conveyor's ``run()`` drivers, walrus, faststream)
-and ``interleave``, which runs a family of rows in rotating order, round after round, and
-keeps each row's msg/s and its ratio to the reference row of its family in the same round.
+What each row measures is written in bench/suite.py's docstring. This module holds the
+measurements: the one-round-trip reference loops, conveyor's consumers and producer, walrus and
+faststream, each a function ``fn(url, admin, run)`` that sets up its own client, times one run,
+checks it and returns what it timed (bench._runs.Measurement). And ``interleave``, which runs
+a family of rows in rotating order, round after round, and keeps each row's msg/s and its ratio
+to the reference row of its family in the same round.
+
+``interleave`` makes every run, warm-up included, in a fresh child process of its own
+(bench._runs.measure_in_child), so that no library's imports weigh on another row's timing
+(bench/suite.py's docstring says how they would). The child imports this module and its row's
+library, no other: at its top this module imports the standard library, redis and bench._runs
+only, and a measurement imports conveyor, walrus or faststream when it runs. The main process
+never imports walrus or faststream; whether they are installed it finds with
+``importlib.util.find_spec``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
 
-from bench._common import BenchError
-from bench.throughput import (
+from bench._runs import (
+    BenchError,
+    Measured,
+    Measurement,
     Run,
     Stopwatch,
     Timing,
-    _finish_run,
-    _read_entries,
-    conveyor_sync_consume,
+    finish_run,
+    measure_in_child,
+    raw_produce,
+    read_entries,
 )
-from conveyor import AsyncConsumer, Consumer
+
+if TYPE_CHECKING:
+    from conveyor import AsyncConsumer, Consumer
 
 NOT_INSTALLED = "not installed (pip install 'conveyor[bench]')"
 #: payload of every benchmark entry: five fields, about 100 bytes of values in all
@@ -45,25 +61,18 @@ def rows(first: int, count: int) -> Iterator[dict[str, str]]:
         yield {"i": str(i), "f1": v, "f2": v, "f3": v, "f4": v}
 
 
-class Measured(NamedTuple):
-    """One timed run: how many messages its timing covers, and the timing."""
-
-    count: int
-    timing: Timing
-
-
 @dataclass
 class Row:
     """One row of a comparison: a way of doing the work, and its timed runs.
 
-    ``measure(count)`` does one run of ``count`` messages (set-up and checks untimed) and
-    returns what was timed; None when the library it needs is not installed.
+    ``measurement`` does one run (set-up and checks untimed) and returns what was timed; it
+    runs in a child process of its own. None when the library it needs is not installed.
     """
 
     key: str
     label: str
     family: str
-    measure: Callable[[int], Measured] | None
+    measurement: Measurement | None
     reference: bool = False
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
@@ -75,7 +84,7 @@ class Row:
 
     @property
     def installed(self) -> bool:
-        return self.measure is not None
+        return self.measurement is not None
 
     def as_dict(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -104,19 +113,41 @@ def progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
-def interleave(table: Sequence[Row], repeat: int, count: int, warm: int, what: str) -> None:
+def library_installed(name: str) -> bool:
+    """Whether the library ``name`` can be imported, found without importing it."""
+    return importlib.util.find_spec(name) is not None
+
+
+def interleave(
+    table: Sequence[Row],
+    repeat: int,
+    count: int,
+    warm: int,
+    what: str,
+    url: str,
+    new_run: Callable[[int], Run],
+) -> None:
     """One untimed warm-up run of ``warm`` messages a row, then ``repeat`` rounds of every
     installed row, in an order that rotates by one each round; after each round, every row's
-    msg/s over its family's reference row's in that round."""
-    active = [row for row in table if row.measure is not None]
+    msg/s over its family's reference row's in that round.
+
+    Each run is the row's measurement of ``new_run(n)`` on ``url`` in a new child process; a
+    run that fails there is a BenchError naming ``what`` and the row.
+    """
+    active = [row for row in table if row.installed]
     refs = {row.family: row for row in active if row.reference}
+
+    def measure(row: Row, n: int) -> Measured:
+        assert row.measurement is not None
+        return measure_in_child(row.measurement, url, new_run(n), f"{what}: {row.label}")
+
     for row in active:
-        row.measure(warm)  # type: ignore[misc]
+        measure(row, warm)
     for i in range(repeat):
         started = time.perf_counter()
         k = i % len(active)
         for row in active[k:] + active[:k]:
-            row.add(row.measure(count))  # type: ignore[misc]
+            row.add(measure(row, count))
         for row in active:
             row.ratios.append(row.rates[-1] / refs[row.family].rates[-1])
         progress(f"{what}: round {i + 1} of {repeat} done in {time.perf_counter() - started:.1f}s")
@@ -140,7 +171,7 @@ def format_row(row: Row) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference loops: one round trip a batch
+# The reference loops: one round trip a batch, on redis-py alone
 
 
 class PipelineLoop:
@@ -184,34 +215,46 @@ class PipelineLoop:
             self.acked += replies[0]
             self.unacked = []
         if reading:
-            self.unacked = [entry[0] for entry in _read_entries(replies[-1])]
+            self.unacked = [entry[0] for entry in read_entries(replies[-1])]
             self.read += len(self.unacked)
             self.dry = not self.unacked
 
     def finish(self, admin: redis.Redis) -> Measured:
         elapsed = self.watch.stop()
-        _finish_run(admin, self.who, self.run, self.read, self.acked)
+        finish_run(admin, self.who, self.run, self.read, self.acked)
         return Measured(self.run.count, elapsed)
 
 
-def ref_sync(r: redis.Redis, admin: redis.Redis, run: Run) -> Measured:
+def ref_sync(url: str, admin: redis.Redis, run: Run) -> Measured:
     """The redis-py loop: one pipeline a batch, and the final XACK."""
-    loop = PipelineLoop(run, "redis-py pipeline loop")
-    while loop.more():
-        loop.take(loop.queue(r.pipeline(transaction=False)).execute())
-    return loop.finish(admin)
+    with redis.Redis.from_url(url, decode_responses=True) as r:
+        r.ping()
+        loop = PipelineLoop(run, "redis-py pipeline loop")
+        while loop.more():
+            loop.take(loop.queue(r.pipeline(transaction=False)).execute())
+        return loop.finish(admin)
 
 
-async def ref_async(r: redis.asyncio.Redis, admin: redis.Redis, run: Run) -> Measured:
+async def ref_async(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``ref_sync`` on redis.asyncio."""
-    loop = PipelineLoop(run, "redis.asyncio pipeline loop")
-    while loop.more():
-        loop.take(await loop.queue(r.pipeline(transaction=False)).execute())
-    return loop.finish(admin)
+    async with redis.asyncio.Redis.from_url(url, decode_responses=True) as r:
+        await r.ping()
+        loop = PipelineLoop(run, "redis.asyncio pipeline loop")
+        while loop.more():
+            loop.take(await loop.queue(r.pipeline(transaction=False)).execute())
+        return loop.finish(admin)
+
+
+def ref_produce(url: str, admin: redis.Redis, run: Run) -> Measured:
+    """redis-py: pipelines of ``XADD`` (bench._runs.raw_produce) to the new stream."""
+    data = list(rows(0, run.count))
+    with redis.Redis.from_url(url, decode_responses=True) as r:
+        r.ping()
+        return Measured(run.count, raw_produce(r, admin, run.stream, data))
 
 
 # ---------------------------------------------------------------------------------------------
-# conveyor
+# conveyor (imported by the measurements, in their child process)
 
 
 class AckAll:
@@ -229,75 +272,88 @@ class AckAll:
             self.consumer.stop()
 
 
-def conveyor_run(client: redis.Redis, admin: redis.Redis, run: Run) -> Measured:
+def conveyor_run(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``Consumer.run(handler)``: from the call until it returns (after leaving the group)."""
-    c = Consumer(client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms)
-    handler = AckAll(c, run.count)
-    gc.collect()
-    watch = Stopwatch()
-    c.run(handler)
-    elapsed = watch.stop()
-    _finish_run(admin, "Consumer.run", run, handler.seen, c.acked_count)
+    import conveyor
+
+    with conveyor.connect(url) as client:
+        client.ping()
+        c = conveyor.Consumer(
+            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
+        )
+        handler = AckAll(c, run.count)
+        gc.collect()
+        watch = Stopwatch()
+        c.run(handler)
+        elapsed = watch.stop()
+    finish_run(admin, "Consumer.run", run, handler.seen, c.acked_count)
     return Measured(run.count, elapsed)
 
 
-def conveyor_get_batch(client: redis.Redis, admin: redis.Redis, run: Run) -> Measured:
+def conveyor_get_batch(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``Consumer.get_batch()`` + ``ack_many(batch)`` (bench.throughput's loop)."""
-    return Measured(run.count, conveyor_sync_consume(client, admin, run))
+    import conveyor
+    from bench.throughput import conveyor_sync_consume
+
+    with conveyor.connect(url) as client:
+        client.ping()
+        return Measured(run.count, conveyor_sync_consume(client, admin, run))
 
 
-async def conveyor_async_run(client: redis.asyncio.Redis, admin: redis.Redis, run: Run) -> Measured:
+async def conveyor_async_run(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``AsyncConsumer.run(handler)``, as ``conveyor_run``."""
-    c = AsyncConsumer(
-        client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
-    )
-    handler = AckAll(c, run.count)
-    gc.collect()
-    watch = Stopwatch()
-    await c.run(handler)
-    elapsed = watch.stop()
-    _finish_run(admin, "AsyncConsumer.run", run, handler.seen, c.acked_count)
+    import conveyor
+
+    async with conveyor.connect(url, asyncio=True) as client:
+        await client.ping()
+        c = conveyor.AsyncConsumer(
+            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
+        )
+        handler = AckAll(c, run.count)
+        gc.collect()
+        watch = Stopwatch()
+        await c.run(handler)
+        elapsed = watch.stop()
+    finish_run(admin, "AsyncConsumer.run", run, handler.seen, c.acked_count)
     return Measured(run.count, elapsed)
+
+
+def conveyor_send_many(url: str, admin: redis.Redis, run: Run) -> Measured:
+    """``Producer.send_many(rows, chunk=PRODUCE_CHUNK)`` to the new stream."""
+    import conveyor
+    from bench.throughput import conveyor_produce
+
+    data = list(rows(0, run.count))
+    with conveyor.connect(url) as client:
+        client.ping()
+        return Measured(run.count, conveyor_produce(client, admin, run.stream, data))
 
 
 # ---------------------------------------------------------------------------------------------
-# Other libraries (optional)
+# Other libraries (optional; imported by the measurements, in their child process)
 
 
-def walrus_db(url: str) -> Any:
-    """A walrus Database on ``url``, or None when walrus is not installed."""
-    try:
-        import walrus
-    except ImportError:
-        return None
-    return walrus.Database.from_url(url, decode_responses=True)
-
-
-def walrus_consume(db: Any, admin: redis.Redis, run: Run) -> Measured:
+def walrus_consume(url: str, admin: redis.Redis, run: Run) -> Measured:
     """walrus: ``ConsumerGroup.read(count=batch)``, then ``ack(*ids)`` of what came."""
-    cg = db.consumer_group(run.group, [run.stream], consumer="walrus")
-    stream = cg.streams[run.stream]
-    read = acked = 0
-    gc.collect()
-    watch = Stopwatch()
-    while read < run.count:
-        entries = _read_entries(cg.read(count=run.batch))
-        if not entries:
-            break
-        ids = [entry[0] for entry in entries]
-        acked += stream.ack(*ids)
-        read += len(ids)
-    elapsed = watch.stop()
-    _finish_run(admin, "walrus", run, read, acked)
+    import walrus
+
+    with walrus.Database.from_url(url, decode_responses=True) as db:
+        db.ping()
+        cg = db.consumer_group(run.group, [run.stream], consumer="walrus")
+        stream = cg.streams[run.stream]
+        read = acked = 0
+        gc.collect()
+        watch = Stopwatch()
+        while read < run.count:
+            entries = read_entries(cg.read(count=run.batch))
+            if not entries:
+                break
+            ids = [entry[0] for entry in entries]
+            acked += stream.ack(*ids)
+            read += len(ids)
+        elapsed = watch.stop()
+    finish_run(admin, "walrus", run, read, acked)
     return Measured(run.count, elapsed)
-
-
-def faststream_installed() -> bool:
-    try:
-        import faststream.redis  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 async def faststream_consume(url: str, admin: redis.Redis, run: Run) -> Measured:
@@ -338,6 +394,6 @@ async def faststream_consume(url: str, admin: redis.Redis, run: Run) -> Measured
         ) from None
     finally:
         await broker.stop()
-    _finish_run(admin, "faststream", run, state["read"], state["acked"])
+    finish_run(admin, "faststream", run, state["read"], state["acked"])
     timing = Timing(marks[2] - marks[0], marks[3] - marks[1])
     return Measured(run.count - state["first_batch"], timing)

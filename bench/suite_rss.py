@@ -9,23 +9,21 @@ says of the section holds here.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import redis
 
 import conveyor
-from bench._common import BenchError
-from bench.latency import CHILD_START_TIMEOUT_S, _receive
+from bench._runs import CHILD_START_TIMEOUT_S, PRODUCE_CHUNK, BenchError, answer, receive, spawned
 from bench.suite_consume import AckAll, progress, rows
 from conveyor import Consumer, Producer
 
 #: rows a ``send_many`` call of a fill (one progress line each on a long fill)
 FILL_STEP = 100_000
-PRODUCE_CHUNK = 500
 MB = 1024 * 1024
 
 
@@ -85,41 +83,28 @@ class SampledAckAll(AckAll):
             progress(f"rss: {self.seen:,} of {self.count:,} consumed, RSS {rss / MB:.1f} MB")
 
 
-def _child(job: RssJob, conn: Any) -> None:
+def _child(job: RssJob, conn: Connection) -> None:
     """Entry point of the child: consume the backlog, send back what it measured."""
-    try:
-        client = conveyor.connect(job.url)
-        c = Consumer(
-            client, job.stream, job.group, batch_size=job.batch, max_wait_ms=job.max_wait_ms
-        )
-        handler = SampledAckAll(c, job.count)
-        started = time.perf_counter()
-        c.run(handler)
-        wall = time.perf_counter() - started
-        client.close()
-        result = {"read": handler.seen, "acked": c.acked_count, "wall_s": wall}
-        conn.send(("result", {**result, "samples": handler.samples}))
-    except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
+    with conn:
+        answer(conn, lambda: _consume(job))
+
+
+def _consume(job: RssJob) -> dict[str, Any]:
+    client = conveyor.connect(job.url)
+    c = Consumer(client, job.stream, job.group, batch_size=job.batch, max_wait_ms=job.max_wait_ms)
+    handler = SampledAckAll(c, job.count)
+    started = time.perf_counter()
+    c.run(handler)
+    wall = time.perf_counter() - started
+    client.close()
+    result = {"read": handler.seen, "acked": c.acked_count, "wall_s": wall}
+    return {**result, "samples": handler.samples}
 
 
 def measure_rss(job: RssJob, admin: redis.Redis) -> dict[str, Any]:
     """Consume ``job.stream`` (already filled, group at id 0) in a spawned child."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(job, child), name="bench-rss", daemon=True)
-    proc.start()
-    child.close()
-    try:
-        result = _receive(parent, CHILD_START_TIMEOUT_S + job.count / 1_000, "rss child")
-        proc.join(30)
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
+    with spawned(_child, (job,), "bench-rss") as conn:
+        result = receive(conn, CHILD_START_TIMEOUT_S + job.count / 1_000, "rss child")
     pending = admin.xpending(job.stream, job.group)["pending"]
     if result["read"] != job.count or result["acked"] != job.count or pending:
         raise BenchError(

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 import redis
 import redis.asyncio
@@ -54,6 +54,16 @@ from bench._common import (
     run_main,
     start_server,
 )
+from bench._runs import (
+    PRODUCE_CHUNK,
+    Run,
+    Stopwatch,
+    Timing,
+    check_produced,
+    finish_run,
+    raw_produce,
+    read_entries,
+)
 from conveyor import AsyncConsumer, Consumer, Producer
 from conveyor.models import Fields
 
@@ -62,7 +72,6 @@ __all__ = ["Comparison", "main"]
 DEFAULT_MESSAGES = 50_000
 DEFAULT_REPEAT = 5
 DEFAULT_BATCH_SIZES = (10, 100, 500)
-PRODUCE_CHUNK = 500
 PAYLOAD = "x" * 100
 WARMUP_MESSAGES = 2_000
 
@@ -82,25 +91,6 @@ TARGET_LABELS = {
     SECTION_ASYNC: "AsyncConsumer",
     SECTION_PRODUCE: "Producer.send_many",
 }
-
-
-class Timing(NamedTuple):
-    """Wall-clock and process CPU seconds of one timed run."""
-
-    wall_s: float
-    cpu_s: float
-
-
-class Stopwatch:
-    """Wall clock and this process's CPU time, from creation to ``stop()``."""
-
-    def __init__(self) -> None:
-        self._cpu = time.process_time()
-        self._wall = time.perf_counter()
-
-    def stop(self) -> Timing:
-        wall = time.perf_counter() - self._wall
-        return Timing(wall, time.process_time() - self._cpu)
 
 
 @dataclass
@@ -186,15 +176,6 @@ def format_row(c: Comparison) -> str:
 # Helpers
 
 
-def _read_entries(reply: Any) -> list[Any]:
-    """The entries of a one-stream XREADGROUP reply as redis-py returns it (list or dict)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(next(iter(reply.values())))
-    return list(reply[0][1])
-
-
 def _rows(n: int, first: int = 0) -> list[dict[str, str]]:
     return [{"i": str(i), "payload": PAYLOAD} for i in range(first, first + n)]
 
@@ -250,33 +231,11 @@ class Env:
     consume_stream: str = ""
 
 
-@dataclass(frozen=True)
-class Run:
-    """One timed consume run: read and ack ``count`` entries of ``stream`` with a new group."""
-
-    stream: str
-    group: str
-    batch: int
-    count: int
-    max_wait_ms: int
-
-
 def _new_run(env: Env, batch: int, count: int) -> Run:
     """A Run with a new group, created at id 0 (outside any timing)."""
     group = env.names.next("group")
     env.admin.xgroup_create(env.consume_stream, group, "0")
     return Run(env.consume_stream, group, batch, count, env.settings.max_wait_ms)
-
-
-def _finish_run(admin: redis.Redis, who: str, run: Run, read: int, acked: int) -> None:
-    """Check that ``run`` read and acked exactly its count, then drop its group."""
-    pending = admin.xpending(run.stream, run.group)["pending"]
-    admin.xgroup_destroy(run.stream, run.group)
-    if read != run.count or acked != run.count or pending:
-        raise BenchError(
-            f"{who}: expected {run.count} messages read and acked, got {read} read, "
-            f"{acked} acked, {pending} still pending (group {run.group!r})"
-        )
 
 
 def _sides(round_index: int) -> tuple[str, str]:
@@ -299,14 +258,14 @@ def raw_sync_consume(r: redis.Redis, admin: redis.Redis, run: Run) -> Timing:
     read = acked = 0
     watch = Stopwatch()
     while read < run.count:
-        entries = _read_entries(r.xreadgroup(group, "raw", {stream: ">"}, count=batch))
+        entries = read_entries(r.xreadgroup(group, "raw", {stream: ">"}, count=batch))
         if not entries:
             break
         ids = [entry[0] for entry in entries]
         acked += r.xack(stream, group, *ids)
         read += len(ids)
     elapsed = watch.stop()
-    _finish_run(admin, "raw sync", run, read, acked)
+    finish_run(admin, "raw sync", run, read, acked)
     return elapsed
 
 
@@ -326,7 +285,7 @@ def conveyor_sync_consume(client: redis.Redis, admin: redis.Redis, run: Run) -> 
         elapsed = watch.stop()
     finally:
         c.close()
-    _finish_run(admin, "conveyor sync", run, read, acked)
+    finish_run(admin, "conveyor sync", run, read, acked)
     return elapsed
 
 
@@ -339,7 +298,7 @@ def _check_field_types(raw_fields: Fields, conveyor_fields: Fields) -> None:
 
 def _sync_field_types(env: Env, r: redis.Redis, client: redis.Redis) -> None:
     run = _new_run(env, 1, 1)
-    raw_fields = _read_entries(r.xreadgroup(run.group, "raw", {run.stream: ">"}, count=1))[0][1]
+    raw_fields = read_entries(r.xreadgroup(run.group, "raw", {run.stream: ">"}, count=1))[0][1]
     env.admin.xgroup_destroy(run.stream, run.group)
     run = _new_run(env, 1, 1)
     with Consumer(client, run.stream, run.group, batch_size=1, max_wait_ms=50) as c:
@@ -387,14 +346,14 @@ async def raw_async_consume(r: redis.asyncio.Redis, admin: redis.Redis, run: Run
     read = acked = 0
     watch = Stopwatch()
     while read < run.count:
-        entries = _read_entries(await r.xreadgroup(group, "raw", {stream: ">"}, count=batch))
+        entries = read_entries(await r.xreadgroup(group, "raw", {stream: ">"}, count=batch))
         if not entries:
             break
         ids = [entry[0] for entry in entries]
         acked += await r.xack(stream, group, *ids)
         read += len(ids)
     elapsed = watch.stop()
-    _finish_run(admin, "raw async", run, read, acked)
+    finish_run(admin, "raw async", run, read, acked)
     return elapsed
 
 
@@ -418,14 +377,14 @@ async def conveyor_async_consume(
         elapsed = watch.stop()
     finally:
         await c.close()
-    _finish_run(admin, "conveyor async", run, read, acked)
+    finish_run(admin, "conveyor async", run, read, acked)
     return elapsed
 
 
 async def _async_field_types(env: Env, r: redis.asyncio.Redis, client: redis.asyncio.Redis) -> None:
     run = _new_run(env, 1, 1)
     reply = await r.xreadgroup(run.group, "raw", {run.stream: ">"}, count=1)
-    raw_fields = _read_entries(reply)[0][1]
+    raw_fields = read_entries(reply)[0][1]
     env.admin.xgroup_destroy(run.stream, run.group)
     run = _new_run(env, 1, 1)
     async with AsyncConsumer(client, run.stream, run.group, batch_size=1, max_wait_ms=50) as c:
@@ -470,23 +429,6 @@ def bench_async_consume(env: Env) -> list[Comparison]:
 # Produce
 
 
-def raw_produce(
-    r: redis.Redis, admin: redis.Redis, stream: str, rows: list[dict[str, str]]
-) -> Timing:
-    """Wall and CPU time for pipelined XADD (PRODUCE_CHUNK a round trip) of ``rows``."""
-    gc.collect()
-    added = 0
-    watch = Stopwatch()
-    pipe = r.pipeline(transaction=False)
-    for start in range(0, len(rows), PRODUCE_CHUNK):
-        for row in rows[start : start + PRODUCE_CHUNK]:
-            pipe.xadd(stream, row)  # type: ignore[arg-type]
-        added += len(pipe.execute())
-    elapsed = watch.stop()
-    _check_produced(admin, "raw produce", stream, len(rows), added)
-    return elapsed
-
-
 def conveyor_produce(
     client: redis.Redis, admin: redis.Redis, stream: str, rows: list[dict[str, str]]
 ) -> Timing:
@@ -495,15 +437,8 @@ def conveyor_produce(
     watch = Stopwatch()
     ids = Producer(client, stream).send_many(rows, chunk=PRODUCE_CHUNK)
     elapsed = watch.stop()
-    _check_produced(admin, "conveyor produce", stream, len(rows), len(ids))
+    check_produced(admin, "conveyor produce", stream, len(rows), len(ids))
     return elapsed
-
-
-def _check_produced(admin: redis.Redis, who: str, stream: str, count: int, added: int) -> None:
-    length = admin.xlen(stream)
-    admin.delete(stream)
-    if added != count or length != count:
-        raise BenchError(f"{who}: expected {count} entries, got {added} ids and XLEN {length}")
 
 
 def bench_produce(env: Env) -> list[Comparison]:

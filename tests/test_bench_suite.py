@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from bench.suite_consume import NOT_INSTALLED, Row, faststream_installed, format_row, walrus_db
+import redis
+from bench._runs import BenchError, Measured, Run, measure_in_child
+from bench.suite_consume import NOT_INSTALLED, Row, format_row, library_installed
 
 from tests.benchrun import ROOT, run_bench
 
@@ -101,10 +103,10 @@ def test_bench_suite_bad_batch() -> None:
 
 
 def test_missing_optional_libraries_are_rows_that_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("walrus", "faststream", "faststream.redis"):
+    for name in ("walrus", "faststream"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    assert walrus_db("redis://localhost:1/0") is None
-    assert faststream_installed() is False
+    assert library_installed("walrus") is False
+    assert library_installed("faststream") is False
 
     row = Row("walrus", "walrus ConsumerGroup.read() + ack(*ids)", "sync", None)
     assert row.as_dict() == {
@@ -115,3 +117,33 @@ def test_missing_optional_libraries_are_rows_that_say_so(monkeypatch: pytest.Mon
         "note": NOT_INSTALLED,
     }
     assert format_row(row).rstrip().endswith(NOT_INSTALLED)
+
+
+def _imported_by(module: str) -> set[str]:
+    """The optional libraries (and conveyor) that importing ``module`` imports."""
+    code = (
+        f"import sys, {module}; "
+        "print(*sorted({m.partition('.')[0] for m in sys.modules} "
+        "& {'conveyor', 'walrus', 'faststream', 'pydantic'}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return set(proc.stdout.split())
+
+
+def test_the_rows_imports_stay_apart() -> None:
+    # a timed child imports bench.suite_consume and then its own row's library only
+    assert _imported_by("bench.suite_consume") == set()
+    # the main process knows walrus and faststream are installed without importing them
+    assert _imported_by("bench.suite") == {"conveyor"}
+
+
+def _fails(url: str, admin: redis.Redis, run: Run) -> Measured:
+    raise BenchError(f"{run.count} read, 0 acked")
+
+
+def test_a_failure_in_a_child_is_a_bench_error_naming_the_row() -> None:
+    run = Run("stream", "group", 10, 10, 50)
+    with pytest.raises(BenchError, match=r"^consume: the row: BenchError: 10 read, 0 acked$"):
+        measure_in_child(_fails, "redis://localhost:1/0", run, "consume: the row")
