@@ -177,25 +177,33 @@ def receive(conn: Connection, timeout_s: float, what: str) -> Any:
 Measurement = Callable[[str, redis.Redis, Run], "Measured | Awaitable[Measured]"]
 
 
-def measure_in_child(fn: Measurement, url: str, run: Run, what: str) -> Measured:
+def measure_in_child(
+    fn: Measurement, url: str, run: Run, what: str, warm: Run | None = None
+) -> Measured:
     """``fn(url, admin, run)`` in a new spawned child, ``fn`` sent by its name (a function at
     the top of a module the child can import); what it measured.
 
-    The child's start-up is outside the timing, which ``fn`` does itself. A failure in the
-    child, or no answer in time, is a BenchError naming ``what``.
+    The child's start-up is outside the timing, which ``fn`` does itself; with ``warm``, the
+    child first does that untimed run, so the timed one finds its code paths warm (first
+    calls, lazy imports, caches). A failure in the child, or no answer in time, is a
+    BenchError naming ``what``.
     """
-    timeout = CHILD_START_TIMEOUT_S + RUN_TIMEOUT_S + run.count / 1_000
-    with spawned(_measure_child, (fn, url, run), f"bench-{fn.__name__}") as conn:
+    total = run.count + (warm.count if warm is not None else 0)
+    timeout = CHILD_START_TIMEOUT_S + RUN_TIMEOUT_S + total / 1_000
+    with spawned(_measure_child, (fn, url, run, warm), f"bench-{fn.__name__}") as conn:
         measured: Measured = receive(conn, timeout, what)
         return measured
 
 
-def _measure_child(fn: Measurement, url: str, run: Run, conn: Connection) -> None:
+def _measure_child(fn: Measurement, url: str, run: Run, warm: Run | None, conn: Connection) -> None:
     with conn:
-        answer(conn, lambda: _measure(fn, url, run))
+        answer(conn, lambda: _measure(fn, url, run, warm))
 
 
-def _measure(fn: Measurement, url: str, run: Run) -> Measured:
+def _measure(fn: Measurement, url: str, run: Run, warm: Run | None) -> Measured:
     with redis.Redis.from_url(url, decode_responses=True) as admin:
-        result = fn(url, admin, run)
-        return asyncio.run(result) if inspect.iscoroutine(result) else result
+        for each in (warm, run):
+            if each is not None:
+                result = fn(url, admin, each)
+                measured = asyncio.run(result) if inspect.iscoroutine(result) else result
+        return measured

@@ -127,7 +127,8 @@ def interleave(
     url: str,
     new_run: Callable[[int], Run],
 ) -> None:
-    """One untimed warm-up run of ``warm`` messages a row, then ``repeat`` rounds of every
+    """One untimed warm-up run of ``warm`` messages a row (and one in each child before its
+    timed run), then ``repeat`` rounds of every
     installed row, in an order that rotates by one each round; after each round, every row's
     msg/s over its family's reference row's in that round.
 
@@ -139,7 +140,9 @@ def interleave(
 
     def measure(row: Row, n: int) -> Measured:
         assert row.measurement is not None
-        return measure_in_child(row.measurement, url, new_run(n), f"{what}: {row.label}")
+        return measure_in_child(
+            row.measurement, url, new_run(n), f"{what}: {row.label}", warm=new_run(warm)
+        )
 
     for row in active:
         measure(row, warm)

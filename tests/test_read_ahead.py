@@ -18,6 +18,7 @@ import redis
 import conveyor
 from conveyor import Consumer, EmbeddedServer
 from conveyor.models import Batch
+from tests.conftest import Drivers, command_calls
 from tests.faultproxy import FaultProxy
 from tests.test_shutdown import exit_code, start
 from tests.test_shutdown import wait_for as wait_for_line
@@ -275,3 +276,73 @@ def test_killed_with_a_read_ahead_out_loses_nothing(
         again.kill()
     group = r.xinfo_groups(s)[0]
     assert group["pending"] == 0 and group["lag"] == 0
+
+
+# -- get_batch(): a large read of new entries in two halves ---------------------------------------
+
+
+def test_get_batch_reads_a_backlog_in_two_halves_with_the_same_outcome(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    """The second half goes out when the first is in, before it is parsed: two reads, one
+    batch, in order, nothing more delivered than the batch holds."""
+    s = name("s")
+    ids = fill(r, s, 500)
+    c = drivers.consumer(s, "g", batch_size=200, max_wait_ms=100)
+    c.get_batch()  # joins: own pending list, reclaim round, a first batch
+    before = command_calls(r, "xreadgroup", s)
+    batch = c.get_batch()
+    assert [m.id for m in batch] == ids[200:400]
+    assert {m.deliveries for m in batch} == {1}
+    assert command_calls(r, "xreadgroup", s) - before == 2
+    assert pending(r, s) == 400  # the two batches handed out, nothing read beyond them
+    c.ack_many(batch)
+
+
+def test_get_batch_on_a_short_backlog_waits_for_the_rest_as_before(
+    drivers: Drivers, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    ids = fill(r, s, 150)
+    c = drivers.consumer(s, "g", batch_size=200, max_wait_ms=100, linger_ms=0)
+    batch = c.get_batch()
+    assert [m.id for m in batch] == ids  # the first half full, the rest of what there is
+    assert pending(r, s) == 150
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reply_lost_on_the_second_half_loses_nothing(
+    kind: str, proxy: FaultProxy, r: redis.Redis, name: Name
+) -> None:
+    s = name("s")
+    ids = fill(r, s, 400)
+    client = conveyor.connect(proxy.url) if kind == "sync" else None
+    d = Drivers(kind, proxy.url)
+    try:
+        c = d.consumer(s, "g", client=client, batch_size=200, max_wait_ms=100)
+        first = c.get_batch()
+        c.ack_many(first)
+        proxy.lose_reply(
+            lambda args: (
+                args[0].upper() == b"XREADGROUP"
+                and args[-3:-1] == [b"STREAMS", s.encode()]
+                and b"BLOCK" not in args
+            )
+        )
+        with pytest.raises(conveyor.ConnectionLost):
+            c.get_batch()
+        assert proxy.lost == 1
+        again = c.get_batch()  # the own pending list first, read again without a delivery
+        seen = [m.id for m in first] + [m.id for m in again]
+        while len(seen) < 400:
+            more = c.get_batch()
+            c.ack_many(more)
+            seen += [m.id for m in more]
+        c.ack_many(again)
+    finally:
+        d.close()
+        if client is not None:
+            client.close()
+    assert sorted(seen) == sorted(ids) and len(seen) == 400
+    assert {m.deliveries for m in again} == {1}
+    assert pending(r, s) == 0

@@ -565,16 +565,12 @@ class _ConsumerBase:
             self._ahead_ms = now
         return plan
 
-    def _ahead_plan(self) -> tuple[ReadPlan, list[cmd.Command], tuple[cmd.Command, ...]] | None:
-        """``run()``, a batch in hand: the next batch's first read and what rides with it, when
-        it can go now (see ``ConsumerMachine.read_ahead``; on a server, not a cluster)."""
+    def _ahead_plan(self) -> ReadPlan | None:
+        """``run()``, a batch in hand: the next batch's first read, when it can go now (see
+        ``ConsumerMachine.read_ahead``; on a server, not a cluster)."""
         if self._cluster or self._stopping or not self._ready:
             return None
-        plan = self._machine.read_ahead(now_ms())
-        if plan is None:
-            return None
-        carry, commands = self._carry(plan)
-        return plan, carry, commands
+        return self._machine.read_ahead(now_ms())
 
     def _ahead_replies(self, ahead: Ahead) -> list[Any]:
         """The replies of a read ahead, collected: raised if it failed (its settling commands

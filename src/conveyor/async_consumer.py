@@ -273,11 +273,13 @@ class AsyncConsumer(_ConsumerBase):
         ahead, self._ahead = self._ahead, None
         m.begin_batch(self._began_ms(ahead))
         self._plan_units()
+        split = not deferred and not self._cluster
         try:
-            plan = ahead.plan if ahead is not None else m.next_read(now_ms())
+            plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
             while plan is not None:
                 if ahead is not None and plan is ahead.plan:
-                    carry, raw = ahead.carry, await self._collect(ahead)
+                    taken, ahead = ahead, None
+                    carry, raw = taken.carry, await self._collect(taken)
                 else:
                     carry, commands = self._carry(plan)
                     try:
@@ -285,8 +287,12 @@ class AsyncConsumer(_ConsumerBase):
                     except BaseException:
                         self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                         raise
-                if deferred and plan.kind == NEW and m.fills(raw[len(carry) :]):
-                    await self._read_ahead()  # the server works on it while this batch is parsed
+                if plan.kind == NEW:
+                    # the server works on the next read while this reply is parsed
+                    if deferred and m.fills(raw[len(carry) :]):
+                        await self._read_ahead()
+                    elif split and (rest := m.rest_ahead(plan, raw[len(carry) :])) is not None:
+                        ahead = await self._send_ahead(rest)
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
@@ -295,12 +301,14 @@ class AsyncConsumer(_ConsumerBase):
                     m.group_recreated()
                 else:
                     m.feed(plan, replies, now_ms())
-                plan = m.next_read(now_ms())
+                plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
+            if ahead is not None:
+                self._ahead = ahead  # sent within this batch: dropped with the other
             await self._drop_ahead()
             raise
         after = self._after_read_commands()
@@ -323,10 +331,14 @@ class AsyncConsumer(_ConsumerBase):
             return
         if self._ahead is not None:
             return
-        planned = self._ahead_plan()
-        if planned is None:
-            return
-        ahead = Ahead(*planned, now_ms())
+        plan = self._ahead_plan()
+        if plan is not None:
+            self._ahead = await self._send_ahead(plan)
+
+    async def _send_ahead(self, plan: ReadPlan) -> Ahead:
+        """See ``Consumer._send_ahead``."""
+        carry, commands = self._carry(plan)
+        ahead = Ahead(plan, carry, commands, now_ms())
         try:
             await _io.asend(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
@@ -334,7 +346,7 @@ class AsyncConsumer(_ConsumerBase):
         else:
             ahead.task = asyncio.ensure_future(_io.areceive(self._reader, ahead.commands))
             ahead.task.add_done_callback(lambda task: self._ahead_done(ahead, task))
-        self._ahead = ahead
+        return ahead
 
     def _ahead_done(self, ahead: Ahead, task: asyncio.Task[Any]) -> None:
         if not ahead.collected and not task.cancelled() and task.exception() is None:

@@ -202,11 +202,13 @@ class Consumer(_ConsumerBase):
         ahead, self._ahead = self._ahead, None
         m.begin_batch(self._began_ms(ahead))
         self._plan_units()
+        split = not deferred and not self._cluster
         try:
-            plan = ahead.plan if ahead is not None else m.next_read(now_ms())
+            plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
             while plan is not None:
                 if ahead is not None and plan is ahead.plan:
-                    carry, raw = ahead.carry, self._collect(ahead)
+                    taken, ahead = ahead, None
+                    carry, raw = taken.carry, self._collect(taken)
                 else:
                     carry, commands = self._carry(plan)
                     try:
@@ -214,8 +216,12 @@ class Consumer(_ConsumerBase):
                     except BaseException:
                         self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
                         raise
-                if deferred and plan.kind == NEW and m.fills(raw[len(carry) :]):
-                    self._read_ahead()  # the server works on it while this batch is parsed
+                if plan.kind == NEW:
+                    # the server works on the next read while this reply is parsed
+                    if deferred and m.fills(raw[len(carry) :]):
+                        self._read_ahead()
+                    elif split and (rest := m.rest_ahead(plan, raw[len(carry) :])) is not None:
+                        ahead = self._send_ahead(rest)
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
@@ -224,12 +230,14 @@ class Consumer(_ConsumerBase):
                     m.group_recreated()
                 else:
                     m.feed(plan, replies, now_ms())
-                plan = m.next_read(now_ms())
+                plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
+            if ahead is not None:
+                self._ahead = ahead  # sent within this batch: dropped with the other
             self._drop_ahead()
             raise
         after = self._after_read_commands()
@@ -252,15 +260,19 @@ class Consumer(_ConsumerBase):
             return
         if self._ahead is not None:
             return
-        planned = self._ahead_plan()
-        if planned is None:
-            return
-        ahead = Ahead(*planned, now_ms())
+        plan = self._ahead_plan()
+        if plan is not None:
+            self._ahead = self._send_ahead(plan)
+
+    def _send_ahead(self, plan: ReadPlan) -> Ahead:
+        """Send ``plan`` with the acks waiting; its replies are read later (``_collect``)."""
+        carry, commands = self._carry(plan)
+        ahead = Ahead(plan, carry, commands, now_ms())
         try:
             _io.send(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
             ahead.error = exc
-        self._ahead = ahead
+        return ahead
 
     def _drop_ahead(self) -> None:
         """A batch failed with a read ahead out: its reply is dropped with the connection (what

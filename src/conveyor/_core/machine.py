@@ -41,6 +41,8 @@ PENDING, REREAD, TAKE_BACK, RECLAIM, NEW = "pending", "reread", "take_back", "re
 
 #: most entries one claim asks for (Lua unpacks them onto a bounded stack)
 MAX_CLAIM = 1_000
+#: a read of new entries for at least twice this many is split in two (``next_read(split=)``)
+SPLIT_MIN = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +126,13 @@ class ConsumerMachine:
         self._first_ms = now_ms if self._buffer else None
         self._phase_done: set[str] = set()
 
-    def next_read(self, now_ms: int) -> ReadPlan | None:
-        """The next round trip of this batch, or None when the batch is complete."""
+    def next_read(self, now_ms: int, *, split: bool = False) -> ReadPlan | None:
+        """The next round trip of this batch, or None when the batch is complete.
+
+        With ``split``, a read of new entries from one stream asks for half of the room left:
+        if it gets all it asked for, the driver sends the rest (``rest_ahead``) before it
+        parses the first half, so the server builds the second half's reply meanwhile.
+        """
         remaining = self.config.batch_size - len(self._buffer)
         if remaining <= 0:
             return None
@@ -147,7 +154,21 @@ class ConsumerMachine:
             wait_ms = min(wait_ms, self._first_ms + linger - now_ms)
         if wait_ms <= 0 and self._new_reads > 0:  # new entries are read at least once
             return None
+        if split and len(self.config.streams) == 1 and remaining >= 2 * SPLIT_MIN:
+            remaining //= 2
         return self._new_plan(remaining, wait_ms if wait_ms > 0 else None)
+
+    def rest_ahead(self, plan: ReadPlan, replies: Sequence[Any]) -> ReadPlan | None:
+        """A read of new entries from one stream got all it asked for without filling the
+        batch: more are likely waiting. The rest of the batch, as a read that does not block,
+        to send before ``replies`` are parsed (then fed, then this plan's replies)."""
+        if plan.kind != NEW or len(self.config.streams) != 1 or len(replies) != 1:
+            return None
+        got = cmd.count_entries(replies[0])
+        room = self.config.batch_size - len(self._buffer) - got
+        if got < int(plan.commands[0][5]) or room <= 0:
+            return None
+        return self._new_plan(room, None)
 
     def read_ahead(self, now_ms: int) -> ReadPlan | None:
         """The next batch's first read, a read of new entries that does not block, to send
