@@ -346,3 +346,44 @@ def test_a_reply_lost_on_the_second_half_loses_nothing(
     assert sorted(seen) == sorted(ids) and len(seen) == 400
     assert {m.deliveries for m in again} == {1}
     assert pending(r, s) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_reads_in_flight_hand_out_each_entry_once_and_give_back_the_overflow(
+    kind: str, redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    """Behind a full batch the next read goes out before this one's reply is read. A batch that
+    comes short takes the read in flight too; what overflows waits for the next batch, and a
+    warm stop gives it back with its delivery count as it was."""
+    s = name("s")
+    produced = fill(r, s, 25)
+    batches: list[int] = []
+
+    def handler(w: Worker, batch: Batch) -> None:
+        batches.append(len(batch))
+        if len(batches) == 2:
+            # served already: the read for batch 3 got 21..25; the one behind it gets these
+            last = produced[-1].encode()
+            wait_for(
+                lambda: r.xinfo_groups(s)[0]["last-delivered-id"] == last,
+                what="the third batch's read served",
+            )
+            produced.extend(fill(r, s, 10))
+        w._default(batch)
+        if len(batches) == 3:
+            w.consumer.stop()
+
+    w = Worker(kind, redis_url, s, "g", handler, batch_size=10, max_wait_ms=200).start()
+    wait_for(lambda: not w.alive, what="run() to return after stop()")
+    w.stop()
+    assert batches == [10, 10, 10]
+    seen = [i for i, _ in w.seen]
+    other = Consumer(conveyor.connect(redis_url), s, "g", batch_size=35, max_wait_ms=100)
+    try:
+        rest = other.get_batch()
+        other.ack_many(rest)
+    finally:
+        other.close()
+    assert sorted(seen + [m.id for m in rest]) == sorted(produced)  # each once, none lost
+    assert {d for _, d in w.seen} == {1} and {m.deliveries for m in rest} == {1}
+    assert pending(r, s) == 0

@@ -158,8 +158,7 @@ class AsyncConsumer(_ConsumerBase):
                 await self._close_ahead(ahead)
             if self._unsent:
                 await self._flush_unsent()
-            if self._cluster:
-                await self._give_back()
+            await self._give_back()
             if self._ready:
                 await _io.apool_roundtrip(self.client, self._leave_commands())
         except Exception as exc:
@@ -270,29 +269,22 @@ class AsyncConsumer(_ConsumerBase):
         if not self._ready:
             await self._setup()
         m = self._machine
-        ahead, self._ahead = self._ahead, None
-        m.begin_batch(self._began_ms(ahead))
+        first, self._ahead = self._ahead, None
+        m.begin_batch(self._began_ms(first))
         self._plan_units()
         split = not deferred and not self._cluster
+        queue = [first] if first is not None else []  # see Consumer._read_batch
+        if first is not None and self._backlog:
+            await self._read_ahead(behind=first)
         try:
-            plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
-            while plan is not None:
-                if ahead is not None and plan is ahead.plan:
-                    taken, ahead = ahead, None
-                    carry, raw = taken.carry, await self._collect(taken)
-                else:
-                    carry, commands = self._carry(plan)
-                    try:
-                        raw = await self._roundtrip(plan, carry, commands)
-                    except BaseException:
-                        self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
-                        raise
+            while (step := await self._batch_step(queue, split)) is not None:
+                plan, carry, raw = step
                 if plan.kind == NEW:
                     # the server works on the next read while this reply is parsed
                     if deferred and m.fills(raw[len(carry) :]):
                         await self._read_ahead()
                     elif split and (rest := m.rest_ahead(plan, raw[len(carry) :])) is not None:
-                        ahead = await self._send_ahead(rest)
+                        queue.append(await self._send_ahead(rest))
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
@@ -301,15 +293,12 @@ class AsyncConsumer(_ConsumerBase):
                     m.group_recreated()
                 else:
                     m.feed(plan, replies, now_ms())
-                plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
-            if ahead is not None:
-                self._ahead = ahead  # sent within this batch: dropped with the other
-            await self._drop_ahead()
+            await self._drop_ahead(queue)
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -321,7 +310,27 @@ class AsyncConsumer(_ConsumerBase):
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
 
-    async def _read_ahead(self) -> None:
+    async def _batch_step(
+        self, queue: list[Ahead], split: bool
+    ) -> tuple[ReadPlan, list[cmd.Command], list[Any]] | None:
+        """See ``Consumer._batch_step``."""
+        if not queue and self._ahead is not None and self._machine.room() > 0:
+            queue.append(self._ahead)
+            self._ahead = None
+        if queue:
+            taken = queue.pop(0)
+            return taken.plan, taken.carry, await self._collect(taken)
+        plan = self._machine.next_read(now_ms(), split=split)
+        if plan is None:
+            return None
+        carry, commands = self._carry(plan)
+        try:
+            return plan, carry, await self._roundtrip(plan, carry, commands)
+        except BaseException:
+            self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
+            raise
+
+    async def _read_ahead(self, behind: Ahead | None = None) -> None:
         """See ``Consumer._read_ahead``: a task reads its replies (and notes what it delivered,
         so it is renewed while the handler works)."""
         if self._cluster:
@@ -333,32 +342,41 @@ class AsyncConsumer(_ConsumerBase):
             return
         plan = self._ahead_plan()
         if plan is not None:
-            self._ahead = await self._send_ahead(plan)
+            self._ahead = await self._send_ahead(plan, behind)
 
-    async def _send_ahead(self, plan: ReadPlan) -> Ahead:
-        """See ``Consumer._send_ahead``."""
+    async def _send_ahead(self, plan: ReadPlan, behind: Ahead | None = None) -> Ahead:
+        """See ``Consumer._send_ahead``: a task reads the replies, once those of ``behind``
+        (sent before it on the same connection) are read."""
         carry, commands = self._carry(plan)
-        ahead = Ahead(plan, carry, commands, now_ms())
+        ahead = Ahead(plan, carry, commands, now_ms(), behind=behind)
         try:
             await _io.asend(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
             ahead.error = exc
         else:
-            ahead.task = asyncio.ensure_future(_io.areceive(self._reader, ahead.commands))
+            ahead.task = asyncio.ensure_future(self._receive_behind(behind, ahead.commands))
             ahead.task.add_done_callback(lambda task: self._ahead_done(ahead, task))
         return ahead
+
+    async def _receive_behind(self, behind: Ahead | None, commands: Sequence[Any]) -> list[Any]:
+        if behind is not None and behind.task is not None and not behind.task.done():
+            await asyncio.wait([behind.task])  # its outcome is its collector's to raise
+        return await _io.areceive(self._reader, commands)
 
     def _ahead_done(self, ahead: Ahead, task: asyncio.Task[Any]) -> None:
         if not ahead.collected and not task.cancelled() and task.exception() is None:
             self._note_delivered(AHEAD, task.result())
 
-    async def _drop_ahead(self) -> None:
+    async def _drop_ahead(self, queue: list[Ahead]) -> None:
         """See ``Consumer._drop_ahead``."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
+        dropped = [*queue, *([self._ahead] if self._ahead is not None else [])]
+        self._ahead = None
+        for ahead in dropped:
             if ahead.task is not None:
                 ahead.task.cancel()
+        if dropped:
             await self._reader.disconnect(nowait=True)
+        for ahead in reversed(dropped):
             self._unsent[:0] = ahead.carry
 
     async def _collect(self, ahead: Ahead) -> list[Any]:

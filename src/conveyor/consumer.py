@@ -51,6 +51,8 @@ class Consumer(_ConsumerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wake = threading.Event()
+        # Who reads the reader's replies of a read ahead: the driver or the heartbeat.
+        self._reader_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
         # On a cluster: the blocking reads in flight, by (node, slot), and their threads.
         self._reads: dict[tuple[str, int], tuple[concurrent.futures.Future[Any], Any]] = {}
@@ -164,8 +166,7 @@ class Consumer(_ConsumerBase):
                 self._close_ahead(ahead)
             if self._unsent:
                 self._flush_unsent()
-            if self._cluster:
-                self._give_back()
+            self._give_back()
             if self._ready:
                 _io.pool_roundtrip(self.client, self._leave_commands())
         except Exception as exc:  # leaving is best effort; nothing is lost by staying
@@ -199,29 +200,25 @@ class Consumer(_ConsumerBase):
         if not self._ready:
             self._setup()
         m = self._machine
-        ahead, self._ahead = self._ahead, None
-        m.begin_batch(self._began_ms(ahead))
+        first, self._ahead = self._ahead, None
+        m.begin_batch(self._began_ms(first))
         self._plan_units()
         split = not deferred and not self._cluster
+        # reads in flight on the reader for this batch, in the order sent
+        queue = [first] if first is not None else []
+        if first is not None and self._backlog:
+            # a backlog: the next batch's read goes out before this one's reply is read, so
+            # the server is never idle while this side reads and parses
+            self._read_ahead(behind=first)
         try:
-            plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
-            while plan is not None:
-                if ahead is not None and plan is ahead.plan:
-                    taken, ahead = ahead, None
-                    carry, raw = taken.carry, self._collect(taken)
-                else:
-                    carry, commands = self._carry(plan)
-                    try:
-                        raw = self._roundtrip(plan, carry, commands)
-                    except BaseException:
-                        self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
-                        raise
+            while (step := self._batch_step(queue, split)) is not None:
+                plan, carry, raw = step
                 if plan.kind == NEW:
                     # the server works on the next read while this reply is parsed
                     if deferred and m.fills(raw[len(carry) :]):
                         self._read_ahead()
                     elif split and (rest := m.rest_ahead(plan, raw[len(carry) :])) is not None:
-                        ahead = self._send_ahead(rest)
+                        queue.append(self._send_ahead(rest))
                 replies = self._carried(carry, raw)
                 plan, replies = self._without_split_slots(plan, replies)
                 if self._read_errors(plan, replies):
@@ -230,15 +227,12 @@ class Consumer(_ConsumerBase):
                     m.group_recreated()
                 else:
                     m.feed(plan, replies, now_ms())
-                plan = ahead.plan if ahead is not None else m.next_read(now_ms(), split=split)
         except BaseException:
             # A reply lost, or an error after earlier reads of this batch delivered entries:
             # what the server delivered is only in our pending list now.
             m.reply_lost()
             self._abandon_reads()
-            if ahead is not None:
-                self._ahead = ahead  # sent within this batch: dropped with the other
-            self._drop_ahead()
+            self._drop_ahead(queue)
             raise
         after = self._after_read_commands()
         if after:  # refused or cut off: they ride with the next read instead
@@ -250,9 +244,32 @@ class Consumer(_ConsumerBase):
                 self._count_replies(after, replies, keep=True)
         return self._handed_out(m.end_batch(), deferred)
 
-    def _read_ahead(self) -> None:
+    def _batch_step(
+        self, queue: list[Ahead], split: bool
+    ) -> tuple[ReadPlan, list[cmd.Command], list[Any]] | None:
+        """The next step of a batch: the replies of a read in flight (the oldest first), or
+        the machine's next round trip; None when the batch is complete. A read ahead for the
+        next batch is read into this one while it has room (its replies come first)."""
+        if not queue and self._ahead is not None and self._machine.room() > 0:
+            queue.append(self._ahead)
+            self._ahead = None
+        if queue:
+            taken = queue.pop(0)
+            return taken.plan, taken.carry, self._collect(taken)
+        plan = self._machine.next_read(now_ms(), split=split)
+        if plan is None:
+            return None
+        carry, commands = self._carry(plan)
+        try:
+            return plan, carry, self._roundtrip(plan, carry, commands)
+        except BaseException:
+            self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
+            raise
+
+    def _read_ahead(self, behind: Ahead | None = None) -> None:
         """``run()``: send the next batch's first read with the acks waiting, before the
-        handler gets the batch in hand; its replies are read once the handler is done."""
+        handler gets the batch in hand; its replies are read once the handler is done
+        (``behind``: a read sent before it whose replies are not read yet)."""
         if self._cluster:
             plan = self._cluster_ahead()
             if plan is not None:
@@ -262,24 +279,26 @@ class Consumer(_ConsumerBase):
             return
         plan = self._ahead_plan()
         if plan is not None:
-            self._ahead = self._send_ahead(plan)
+            self._ahead = self._send_ahead(plan, behind)
 
-    def _send_ahead(self, plan: ReadPlan) -> Ahead:
+    def _send_ahead(self, plan: ReadPlan, behind: Ahead | None = None) -> Ahead:
         """Send ``plan`` with the acks waiting; its replies are read later (``_collect``)."""
         carry, commands = self._carry(plan)
-        ahead = Ahead(plan, carry, commands, now_ms())
+        ahead = Ahead(plan, carry, commands, now_ms(), lock=self._reader_lock, behind=behind)
         try:
             _io.send(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
             ahead.error = exc
         return ahead
 
-    def _drop_ahead(self) -> None:
-        """A batch failed with a read ahead out: its reply is dropped with the connection (what
-        it delivered is re-read from the pending list); its acks go out again."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
+    def _drop_ahead(self, queue: list[Ahead]) -> None:
+        """A batch failed with reads out: their replies are dropped with the connection (what
+        they delivered is re-read from the pending list); their acks go out again."""
+        dropped = [*queue, *([self._ahead] if self._ahead is not None else [])]
+        self._ahead = None
+        if dropped:
             self._reader.disconnect()
+        for ahead in reversed(dropped):
             self._unsent[:0] = ahead.carry
 
     def _collect(self, ahead: Ahead) -> list[Any]:
@@ -306,6 +325,8 @@ class Consumer(_ConsumerBase):
         try:
             if ahead.collected or ahead.given_back:
                 return
+            if ahead.behind is not None and not ahead.behind.collected:
+                return  # the replies of the read before it come first
             if ahead.replies is None and ahead.error is None:
                 try:
                     if not self._reader.can_read(0):
