@@ -565,24 +565,25 @@ class _ConsumerBase:
             return ahead.sent_ms
         return began if began is not None else now_ms()
 
-    def _cluster_ahead(self) -> ReadPlan | None:
-        """On a cluster, ``run()``: the next batch's reads of new entries to start now (one per
-        (node, slot), in threads or tasks, see ``ConsumerMachine.read_ahead``); the batch's
-        first step collects them. Acks go out with that step."""
-        if self._ahead_ms is not None or self._stopping or not self._ready:
+    def _next_ahead(self) -> ReadPlan | None:
+        """``run()``: the next batch's first read, to send now, when it can go (see
+        ``ConsumerMachine.read_ahead``) and none is out yet. On a cluster its reads (one per
+        (node, slot), in threads or tasks) are started here and None returned: the batch's
+        first step collects them, and the acks go out with that step."""
+        if self._stopping or not self._ready:
             return None
-        now = now_ms()
-        plan = self._machine.read_ahead(now)
-        if plan is not None:
-            self._ahead_ms = now
-        return plan
+        if not self._cluster:
+            return None if self._ahead is not None else self._machine.read_ahead(now_ms())
+        if self._ahead_ms is None:
+            now = now_ms()
+            plan = self._machine.read_ahead(now)
+            if plan is not None:
+                self._ahead_ms = now
+                self._start_reads(plan, now)
+        return None
 
-    def _ahead_plan(self) -> ReadPlan | None:
-        """``run()``, a batch in hand: the next batch's first read, when it can go now (see
-        ``ConsumerMachine.read_ahead``; on a server, not a cluster)."""
-        if self._cluster or self._stopping or not self._ready:
-            return None
-        return self._machine.read_ahead(now_ms())
+    def _start_reads(self, plan: ReadPlan, now: int) -> None:
+        raise NotImplementedError  # the drivers' own: threads or tasks
 
     def _ahead_replies(self, ahead: Ahead) -> list[Any]:
         """The replies of a read ahead, collected: raised if it failed (its settling commands
@@ -596,6 +597,18 @@ class _ConsumerBase:
         if ahead.given_back:
             return [*ahead.replies[:-1], None]
         return ahead.replies
+
+    def _ahead_closed(self, ahead: Ahead) -> list[cmd.Command]:
+        """Closing with a read ahead whose replies are in (or that failed): its acks counted
+        (or sent again with what is left to send); the commands that give back what it
+        delivered."""
+        if ahead.error is not None:
+            self._unsent[:0] = ahead.carry
+            return []
+        assert ahead.replies is not None
+        self._carried(ahead.carry, ahead.replies)
+        messages = self._ahead_messages(ahead)
+        return self._give_back_commands(messages) if messages else []
 
     def _ahead_messages(self, ahead: Ahead) -> list[Message]:
         """What a read ahead delivered (its replies are in)."""

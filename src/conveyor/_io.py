@@ -124,28 +124,43 @@ def roundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
     return receive(conn, commands)
 
 
-def send(conn: Any, commands: Sequence[Command]) -> None:
-    """The first half of ``roundtrip``: write the pipeline; ``receive`` reads its replies."""
+@contextlib.contextmanager
+def _guarded(conn: Any) -> Iterator[None]:
+    """A link error is closed and raised as ConnectionLost; any other failure closes the
+    connection too: half written or half read, it is out of step."""
     try:
-        conn.send_packed_command(_packed(conn, commands), check_health=False)
+        yield
     except LINK_ERRORS as exc:
         conn.disconnect()
         raise lost(conn, exc) from exc
     except BaseException:
-        conn.disconnect()  # half written: the connection is out of step
+        conn.disconnect()
         raise
+
+
+@contextlib.asynccontextmanager
+async def _aguarded(conn: Any) -> AsyncIterator[None]:
+    """``_guarded`` for an asyncio connection (cancelled mid-read: the reply is lost)."""
+    try:
+        yield
+    except LINK_ERRORS as exc:
+        await conn.disconnect()
+        raise lost(conn, exc) from exc
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+
+
+def send(conn: Any, commands: Sequence[Command]) -> None:
+    """The first half of ``roundtrip``: write the pipeline; ``receive`` reads its replies."""
+    with _guarded(conn):
+        conn.send_packed_command(_packed(conn, commands), check_health=False)
 
 
 def receive(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """The second half of ``roundtrip``: read the replies of ``commands``, sent before."""
-    try:
+    with _guarded(conn):
         return _read(conn, commands)
-    except LINK_ERRORS as exc:
-        conn.disconnect()
-        raise lost(conn, exc) from exc
-    except BaseException:
-        conn.disconnect()  # a half-read pipeline leaves the connection out of step
-        raise
 
 
 def pool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:
@@ -172,27 +187,14 @@ async def aroundtrip(conn: Any, commands: Sequence[Command]) -> list[Any]:
 
 async def asend(conn: Any, commands: Sequence[Command]) -> None:
     """``send`` for an asyncio connection."""
-    try:
+    async with _aguarded(conn):
         await conn.send_packed_command(_packed(conn, commands), check_health=False)
-    except LINK_ERRORS as exc:
-        await conn.disconnect()
-        raise lost(conn, exc) from exc
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
 
 
 async def areceive(conn: Any, commands: Sequence[Command]) -> list[Any]:
     """``receive`` for an asyncio connection."""
-    try:
+    async with _aguarded(conn):
         return await _aread(conn, commands)
-    except LINK_ERRORS as exc:
-        await conn.disconnect()
-        raise lost(conn, exc) from exc
-    except BaseException:
-        # Cancelled mid-read: the reply is lost and the connection out of step.
-        await conn.disconnect(nowait=True)
-        raise
 
 
 async def apool_roundtrip(client: Any, commands: Sequence[Command]) -> list[Any]:

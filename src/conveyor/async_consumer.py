@@ -333,14 +333,7 @@ class AsyncConsumer(_ConsumerBase):
     async def _read_ahead(self, behind: Ahead | None = None) -> None:
         """See ``Consumer._read_ahead``: a task reads its replies (and notes what it delivered,
         so it is renewed while the handler works)."""
-        if self._cluster:
-            plan = self._cluster_ahead()
-            if plan is not None:
-                self._start_reads(plan, now_ms())
-            return
-        if self._ahead is not None:
-            return
-        plan = self._ahead_plan()
+        plan = self._next_ahead()
         if plan is not None:
             self._ahead = await self._send_ahead(plan, behind)
 
@@ -403,14 +396,9 @@ class AsyncConsumer(_ConsumerBase):
                     ahead.replies = await ahead.task
                 except Exception as exc:
                     ahead.error = exc
-        if ahead.error is not None:
-            self._unsent[:0] = ahead.carry
-            return
-        assert ahead.replies is not None
-        self._carried(ahead.carry, ahead.replies)
-        messages = self._ahead_messages(ahead)
-        if messages:
-            await _io.apool_roundtrip(self.client, self._give_back_commands(messages))
+        give_back = self._ahead_closed(ahead)
+        if give_back:
+            await _io.apool_roundtrip(self.client, give_back)
 
     async def _roundtrip(
         self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]

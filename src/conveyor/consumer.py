@@ -270,14 +270,7 @@ class Consumer(_ConsumerBase):
         """``run()``: send the next batch's first read with the acks waiting, before the
         handler gets the batch in hand; its replies are read once the handler is done
         (``behind``: a read sent before it whose replies are not read yet)."""
-        if self._cluster:
-            plan = self._cluster_ahead()
-            if plan is not None:
-                self._start_reads(plan, now_ms())
-            return
-        if self._ahead is not None:
-            return
-        plan = self._ahead_plan()
+        plan = self._next_ahead()
         if plan is not None:
             self._ahead = self._send_ahead(plan, behind)
 
@@ -359,14 +352,9 @@ class Consumer(_ConsumerBase):
                     ahead.replies = _io.receive(self._reader, ahead.commands)
                 except Exception as exc:
                     ahead.error = exc
-        if ahead.error is not None:
-            self._unsent[:0] = ahead.carry
-            return
-        assert ahead.replies is not None
-        self._carried(ahead.carry, ahead.replies)
-        messages = self._ahead_messages(ahead)
-        if messages:
-            _io.pool_roundtrip(self.client, self._give_back_commands(messages))
+        give_back = self._ahead_closed(ahead)
+        if give_back:
+            _io.pool_roundtrip(self.client, give_back)
 
     def _roundtrip(
         self, plan: ReadPlan, carry: list[cmd.Command], commands: tuple[cmd.Command, ...]
