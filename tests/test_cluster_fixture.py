@@ -29,8 +29,17 @@ def rc(cluster_url: str) -> Iterator[RedisCluster]:
     client.close()
 
 
-def _tag() -> str:
-    return f"migr-{uuid.uuid4().hex}"
+def _tag(cluster: Cluster | None = None) -> str:
+    """A new hash tag; with ``cluster``, one whose slot holds no key yet (other tests leave
+    keys behind in this session's cluster, and a migration counts the keys it moves)."""
+    while True:
+        tag = f"migr-{uuid.uuid4().hex}"
+        if cluster is None:
+            return tag
+        slot = key_slot(f"{{{tag}}}".encode())
+        owner = cluster.admin(cluster.node_for_slot(slot))
+        if owner.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0:
+            return tag
 
 
 class StreamWriter(threading.Thread):
@@ -136,7 +145,7 @@ def test_keys_land_on_all_three_nodes(cluster: Cluster, rc: RedisCluster) -> Non
 def test_migrate_slot_with_a_stream_while_a_client_writes(
     cluster: Cluster, rc: RedisCluster
 ) -> None:
-    tag = _tag()
+    tag = _tag(cluster)
     stream = f"{{{tag}}}s"
     slot = key_slot(stream.encode())
     source = cluster.node_for_slot(slot)
@@ -190,7 +199,7 @@ def test_migrate_slot_with_a_stream_while_a_client_writes(
 
 
 def test_migrate_slot_there_and_back_and_an_empty_slot(cluster: Cluster, rc: RedisCluster) -> None:
-    key = f"{{{_tag()}}}v"
+    key = f"{{{_tag(cluster)}}}v"
     slot = key_slot(key.encode())
     home = cluster.node_for_slot(slot)
     rc.set(key, "value")
@@ -204,7 +213,7 @@ def test_migrate_slot_there_and_back_and_an_empty_slot(cluster: Cluster, rc: Red
         with cluster.client(target) as node:
             assert node.get(key) == "value"
 
-    empty = f"{{{_tag()}}}nothing"
+    empty = f"{{{_tag(cluster)}}}nothing"
     slot = key_slot(empty.encode())
     owner = cluster.node_for_slot(slot)
     assert cluster.admin(owner).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
