@@ -349,12 +349,12 @@ def test_a_reply_lost_on_the_second_half_loses_nothing(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_reads_in_flight_hand_out_each_entry_once_and_give_back_the_overflow(
+def test_a_short_read_ahead_is_topped_up_and_a_warm_stop_gives_back_the_rest(
     kind: str, redis_url: str, r: redis.Redis, name: Name
 ) -> None:
-    """Behind a full batch the next read goes out before this one's reply is read. A batch that
-    comes short takes the read in flight too; what overflows waits for the next batch, and a
-    warm stop gives it back with its delivery count as it was."""
+    """A batch whose read ahead came short reads on for the rest (what came meanwhile); each
+    entry is handed out once, and what was read ahead when the consumer stops is given back
+    with its delivery count as it was."""
     s = name("s")
     produced = fill(r, s, 25)
     batches: list[int] = []
@@ -362,7 +362,7 @@ def test_two_reads_in_flight_hand_out_each_entry_once_and_give_back_the_overflow
     def handler(w: Worker, batch: Batch) -> None:
         batches.append(len(batch))
         if len(batches) == 2:
-            # served already: the read for batch 3 got 21..25; the one behind it gets these
+            # served already: the read ahead for batch 3 got 21..25; it reads on for these
             last = produced[-1].encode()
             wait_for(
                 lambda: r.xinfo_groups(s)[0]["last-delivered-id"] == last,

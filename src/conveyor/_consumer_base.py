@@ -64,7 +64,6 @@ class Ahead:
     renews what it delivered) when the handler takes long."""
 
     __slots__ = (
-        "behind",
         "carry",
         "collected",
         "commands",
@@ -83,14 +82,8 @@ class Ahead:
         carry: list[cmd.Command],
         commands: Sequence[Any],
         sent_ms: int,
-        *,
-        lock: threading.Lock | None = None,
-        behind: Ahead | None = None,
     ) -> None:
         self.plan = plan
-        #: the read sent before it on the same connection, when that was not read yet: its
-        #: replies come first
-        self.behind = behind
         self.sent_ms = sent_ms
         self.carry = carry
         self.commands = commands
@@ -100,7 +93,7 @@ class Ahead:
         self.given_back = False
         #: the driver has taken it (the heartbeat leaves it alone from then on)
         self.collected = False
-        self.lock = lock if lock is not None else threading.Lock()
+        self.lock = threading.Lock()
         self.task: Any = None  # asyncio: the task reading the replies
 
 
@@ -484,7 +477,7 @@ class _ConsumerBase:
     def _note_delivered(self, key: Any, replies: Sequence[Any]) -> None:
         """A read in flight finished (in its thread or task, or read by the heartbeat): the
         entries it delivered are renewed from now on, also while they wait for the next batch
-        behind a slow handler, until the driver collects the read (``_collect_noted``)."""
+        behind a slow handler, until the driver collects the read."""
         reply = replies[-1] if replies else None
         if reply is None or isinstance(reply, Exception):
             return
@@ -551,7 +544,6 @@ class _ConsumerBase:
         ]
 
     _ahead: Ahead | None = None
-    _backlog = False
     #: on a cluster: when the next batch began, its reads of new entries started ahead
     _ahead_ms: int | None = None
     #: run() was stopped at once (second signal): what is unacked stays pending as it is
@@ -638,8 +630,6 @@ class _ConsumerBase:
             else:
                 for stream, stream_ids in _ids_by_stream(messages).items():
                     self._leases.hold(stream, stream_ids)
-        # a full batch: a backlog, so run() keeps two reads in flight (see _read_batch)
-        self._backlog = len(messages) >= self.config.batch_size
         return Batch(messages, self, deferred=deferred, ids=ids)
 
     def _forget(self, stream: str, ids: Iterable[str]) -> None:

@@ -274,8 +274,6 @@ class AsyncConsumer(_ConsumerBase):
         self._plan_units()
         split = not deferred and not self._cluster
         queue = [first] if first is not None else []  # see Consumer._read_batch
-        if first is not None and self._backlog:
-            await self._read_ahead(behind=first)
         try:
             while (step := await self._batch_step(queue, split)) is not None:
                 plan, carry, raw = step
@@ -314,9 +312,6 @@ class AsyncConsumer(_ConsumerBase):
         self, queue: list[Ahead], split: bool
     ) -> tuple[ReadPlan, list[cmd.Command], list[Any]] | None:
         """See ``Consumer._batch_step``."""
-        if not queue and self._ahead is not None and self._machine.room() > 0:
-            queue.append(self._ahead)
-            self._ahead = None
         if queue:
             taken = queue.pop(0)
             return taken.plan, taken.carry, await self._collect(taken)
@@ -330,31 +325,25 @@ class AsyncConsumer(_ConsumerBase):
             self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
             raise
 
-    async def _read_ahead(self, behind: Ahead | None = None) -> None:
+    async def _read_ahead(self) -> None:
         """See ``Consumer._read_ahead``: a task reads its replies (and notes what it delivered,
         so it is renewed while the handler works)."""
         plan = self._next_ahead()
         if plan is not None:
-            self._ahead = await self._send_ahead(plan, behind)
+            self._ahead = await self._send_ahead(plan)
 
-    async def _send_ahead(self, plan: ReadPlan, behind: Ahead | None = None) -> Ahead:
-        """See ``Consumer._send_ahead``: a task reads the replies, once those of ``behind``
-        (sent before it on the same connection) are read."""
+    async def _send_ahead(self, plan: ReadPlan) -> Ahead:
+        """See ``Consumer._send_ahead``: a task reads the replies."""
         carry, commands = self._carry(plan)
-        ahead = Ahead(plan, carry, commands, now_ms(), behind=behind)
+        ahead = Ahead(plan, carry, commands, now_ms())
         try:
             await _io.asend(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
             ahead.error = exc
         else:
-            ahead.task = asyncio.ensure_future(self._receive_behind(behind, ahead.commands))
+            ahead.task = asyncio.ensure_future(_io.areceive(self._reader, ahead.commands))
             ahead.task.add_done_callback(lambda task: self._ahead_done(ahead, task))
         return ahead
-
-    async def _receive_behind(self, behind: Ahead | None, commands: Sequence[Any]) -> list[Any]:
-        if behind is not None and behind.task is not None and not behind.task.done():
-            await asyncio.wait([behind.task])  # its outcome is its collector's to raise
-        return await _io.areceive(self._reader, commands)
 
     def _ahead_done(self, ahead: Ahead, task: asyncio.Task[Any]) -> None:
         if not ahead.collected and not task.cancelled() and task.exception() is None:

@@ -51,8 +51,6 @@ class Consumer(_ConsumerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wake = threading.Event()
-        # Who reads the reader's replies of a read ahead: the driver or the heartbeat.
-        self._reader_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
         # On a cluster: the blocking reads in flight, by (node, slot), and their threads.
         self._reads: dict[tuple[str, int], tuple[concurrent.futures.Future[Any], Any]] = {}
@@ -206,10 +204,6 @@ class Consumer(_ConsumerBase):
         split = not deferred and not self._cluster
         # reads in flight on the reader for this batch, in the order sent
         queue = [first] if first is not None else []
-        if first is not None and self._backlog:
-            # a backlog: the next batch's read goes out before this one's reply is read, so
-            # the server is never idle while this side reads and parses
-            self._read_ahead(behind=first)
         try:
             while (step := self._batch_step(queue, split)) is not None:
                 plan, carry, raw = step
@@ -248,11 +242,7 @@ class Consumer(_ConsumerBase):
         self, queue: list[Ahead], split: bool
     ) -> tuple[ReadPlan, list[cmd.Command], list[Any]] | None:
         """The next step of a batch: the replies of a read in flight (the oldest first), or
-        the machine's next round trip; None when the batch is complete. A read ahead for the
-        next batch is read into this one while it has room (its replies come first)."""
-        if not queue and self._ahead is not None and self._machine.room() > 0:
-            queue.append(self._ahead)
-            self._ahead = None
+        the machine's next round trip; None when the batch is complete."""
         if queue:
             taken = queue.pop(0)
             return taken.plan, taken.carry, self._collect(taken)
@@ -266,18 +256,17 @@ class Consumer(_ConsumerBase):
             self._unsent[:0] = carry  # safe to send again: acks, moves are idempotent
             raise
 
-    def _read_ahead(self, behind: Ahead | None = None) -> None:
+    def _read_ahead(self) -> None:
         """``run()``: send the next batch's first read with the acks waiting, before the
-        handler gets the batch in hand; its replies are read once the handler is done
-        (``behind``: a read sent before it whose replies are not read yet)."""
+        handler gets the batch in hand; its replies are read once the handler is done."""
         plan = self._next_ahead()
         if plan is not None:
-            self._ahead = self._send_ahead(plan, behind)
+            self._ahead = self._send_ahead(plan)
 
-    def _send_ahead(self, plan: ReadPlan, behind: Ahead | None = None) -> Ahead:
+    def _send_ahead(self, plan: ReadPlan) -> Ahead:
         """Send ``plan`` with the acks waiting; its replies are read later (``_collect``)."""
         carry, commands = self._carry(plan)
-        ahead = Ahead(plan, carry, commands, now_ms(), lock=self._reader_lock, behind=behind)
+        ahead = Ahead(plan, carry, commands, now_ms())
         try:
             _io.send(self._reader, ahead.commands)
         except Exception as exc:  # raised where its replies are collected
@@ -318,8 +307,6 @@ class Consumer(_ConsumerBase):
         try:
             if ahead.collected or ahead.given_back:
                 return
-            if ahead.behind is not None and not ahead.behind.collected:
-                return  # the replies of the read before it come first
             if ahead.replies is None and ahead.error is None:
                 try:
                     if not self._reader.can_read(0):

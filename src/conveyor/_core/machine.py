@@ -185,10 +185,6 @@ class ConsumerMachine:
             return None
         return self._new_plan(self.config.batch_size, None)
 
-    def room(self) -> int:
-        """How many more messages this batch takes."""
-        return self.config.batch_size - len(self._buffer)
-
     def fills(self, replies: Sequence[Any]) -> bool:
         """True when the replies of a read of new entries complete this batch (counted, not
         parsed yet)."""
