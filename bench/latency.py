@@ -348,19 +348,21 @@ def raw_loop(url: str, case: Case, stream: str, group: str, pacer: Pacer, tally:
         r.close()
 
 
+def _consumer_options(case: Case) -> dict[str, Any]:
+    """The options of a case's Consumer or AsyncConsumer."""
+    return {
+        "batch_size": BATCH_SIZE,
+        "max_wait_ms": case.max_wait_ms,
+        "linger_ms": case.linger_ms,
+    }
+
+
 def conveyor_loop(
     url: str, case: Case, stream: str, group: str, pacer: Pacer, tally: Tally
 ) -> None:
     """``Consumer.get_batch()`` and ``ack_many(batch)``."""
     client = conveyor.connect(url)
-    c = Consumer(
-        client,
-        stream,
-        group,
-        batch_size=BATCH_SIZE,
-        max_wait_ms=case.max_wait_ms,
-        linger_ms=case.linger_ms,
-    )
+    c = Consumer(client, stream, group, **_consumer_options(case))
     try:
         pacer.start()
         while not tally.complete:
@@ -379,14 +381,7 @@ async def _async_loop(
     url: str, case: Case, stream: str, group: str, pacer: Pacer, tally: Tally
 ) -> None:
     client = conveyor.connect(url, asyncio=True)
-    c = AsyncConsumer(
-        client,
-        stream,
-        group,
-        batch_size=BATCH_SIZE,
-        max_wait_ms=case.max_wait_ms,
-        linger_ms=case.linger_ms,
-    )
+    c = AsyncConsumer(client, stream, group, **_consumer_options(case))
     try:
         pacer.start()
         while not tally.complete:
