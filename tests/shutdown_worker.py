@@ -1,4 +1,5 @@
-"""A worker for shutdown tests: ``python -m tests.shutdown_worker URL STREAM NAME DRIVER DELAY_S``.
+"""A worker for shutdown tests:
+``python -m tests.shutdown_worker URL STREAM NAME DRIVER DELAY_S [noack]``.
 
 Prints ``handling N`` when a batch of N arrives, sleeps DELAY_S in the handler, acks the batch,
 prints ``acked N``; ``run()`` returns on SIGTERM/SIGINT and the process prints ``left``.
@@ -25,6 +26,8 @@ def main() -> None:
         print(f"acked {len(batch)}", flush=True)
 
     kw = {"consumer": name, "batch_size": 10, "max_wait_ms": 100, "heartbeat_ms": 100}
+    if sys.argv[6:] == ["noack"]:
+        kw["noack"] = True
     if driver == "sync":
         conveyor.Consumer(conveyor.connect(url), stream, "g", **kw).run(
             handler, grace_period_ms=5000

@@ -219,7 +219,7 @@ def test_consume_prints_json_lines_and_acks(redis_url: str, r: redis.Redis, name
     assert group_row(r, stream, "g")["pending"] == 0
 
 
-def test_consume_no_ack_only_looks_and_leaves_no_consumer(
+def test_consume_peek_only_looks_and_leaves_no_consumer(
     redis_url: str, r: redis.Redis, name: Name
 ) -> None:
     stream = name("orders")
@@ -227,10 +227,8 @@ def test_consume_no_ack_only_looks_and_leaves_no_consumer(
     r.xgroup_create(stream, "g", "0")
     r.xreadgroup("g", "worker", {stream: ">"}, count=2)  # delivered: not shown
 
-    first = cli("consume", "-s", stream, "-g", "g", "--no-ack", "--count", "2", url=redis_url)
-    again = cli(
-        "consume", "-s", stream, "-g", "g", "--no-ack", "--max-wait-ms", "50", url=redis_url
-    )
+    first = cli("consume", "-s", stream, "-g", "g", "--peek", "--count", "2", url=redis_url)
+    again = cli("consume", "-s", stream, "-g", "g", "--peek", "--max-wait-ms", "50", url=redis_url)
 
     assert first.returncode == 0, first.stderr
     rows = [json.loads(line) for line in first.stdout.splitlines()]
@@ -245,11 +243,39 @@ def test_consume_no_ack_only_looks_and_leaves_no_consumer(
     assert "DEAD" not in health.stdout + health.stderr
 
 
-def test_consume_no_ack_with_a_consumer_is_one_error_line(redis_url: str, name: Name) -> None:
-    result = cli("consume", "-s", name("orders"), "-g", "g", "--no-ack", "-c", "x", url=redis_url)
+def test_consume_peek_with_a_consumer_is_one_error_line(redis_url: str, name: Name) -> None:
+    result = cli("consume", "-s", name("orders"), "-g", "g", "--peek", "-c", "x", url=redis_url)
+    both = cli("consume", "-s", name("orders"), "-g", "g", "--peek", "--no-ack", url=redis_url)
 
     assert_clean_error(result)
-    assert "--no-ack" in result.stderr and "--consumer" in result.stderr
+    assert "--peek" in result.stderr and "--consumer" in result.stderr
+    assert_clean_error(both)
+    assert "--peek and --no-ack" in both.stderr
+
+
+def test_consume_no_ack_reads_with_noack_and_leaves_nothing_pending(
+    redis_url: str, r: redis.Redis, name: Name
+) -> None:
+    stream = name("metrics")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(7)]
+    r.xgroup_create(stream, "g", "0")
+
+    first = cli(
+        "consume", "-s", stream, "-g", "g", "--no-ack", "--count", "3", "-c", "s1", url=redis_url
+    )
+    rest = cli("consume", "-s", stream, "-g", "g", "--no-ack", "--max-wait-ms", "50", url=redis_url)
+
+    assert first.returncode == 0, first.stderr
+    assert [json.loads(line)["id"] for line in first.stdout.splitlines()] == ids[:3]
+    assert "read with NOACK (nothing pending, nothing to ack)" in first.stderr
+    assert rest.returncode == 0, rest.stderr
+    assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == ids[3:]
+    # the group moved past everything, nothing is pending, nothing was acked
+    row = group_row(r, stream, "g")
+    assert row["pending"] == 0
+    assert row["last-delivered-id"].decode() == ids[-1]
+    assert r.xpending(stream, "g")["pending"] == 0
+    assert [c["name"] for c in r.xinfo_consumers(stream, "g")] == []  # both left the group
 
 
 def test_consume_a_missing_stream_is_refused_unless_create(
@@ -258,7 +284,7 @@ def test_consume_a_missing_stream_is_refused_unless_create(
     stream = name("typo")
 
     refused = cli("consume", "-s", stream, "-g", "g", url=redis_url)
-    peek = cli("consume", "-s", stream, "-g", "g", "--no-ack", url=redis_url)
+    peek = cli("consume", "-s", stream, "-g", "g", "--peek", url=redis_url)
     created = cli(
         "consume", "-s", stream, "-g", "g", "--create", "--max-wait-ms", "10", url=redis_url
     )
@@ -834,7 +860,7 @@ def test_metrics_without_prometheus_client_give_the_install_hint(
     ("command", "words"),
     [
         (("produce",), ("--stream", "--maxlen", "--json-payload", "--quiet", "FIELD=VALUE")),
-        (("consume",), ("--group", "--consumer", "--count", "--no-ack", "--follow")),
+        (("consume",), ("--group", "--consumer", "--count", "--no-ack", "--peek", "--follow")),
         (("run",), ("MODULE:FUNC", "--concurrency", "--metrics-port", "--claim-idle-ms")),
         (("pending",), ("--consumer", "--count", "--json", "--min-idle-ms")),
         (("claim",), ("--to", "--from", "--min-idle-ms", "--dry-run")),

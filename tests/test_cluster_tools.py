@@ -571,7 +571,7 @@ def test_cli_produce_and_consume(cluster: Any, rc: RedisCluster) -> None:
     rows = '{"n": 1}\n{"n": 2}\n{"n": 3}\n'
     produced = cli("produce", "-s", stream, "--json", "--url", url, stdin=rows)
     rc.xgroup_create(stream, GROUP, "0")
-    peeked = json_lines(cli("consume", "-s", stream, "-g", GROUP, "--no-ack", "--url", url))
+    peeked = json_lines(cli("consume", "-s", stream, "-g", GROUP, "--peek", "--url", url))
     consumed = json_lines(cli("consume", "-s", stream, "-g", GROUP, "--count", "2", "--url", url))
 
     ids = [row["id"] for row in json_lines(produced)]

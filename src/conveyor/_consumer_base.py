@@ -209,6 +209,7 @@ class _ConsumerBase:
         retry_backoff_ms: int = 1_000,
         retry_backoff_max_ms: int = 60_000,
         handler_timeout_ms: int | None = None,
+        noack: bool = False,
     ) -> None:
         streams = (stream,) if isinstance(stream, str | bytes) else tuple(stream)
         if any(isinstance(s, bytes) for s in streams):
@@ -229,7 +230,9 @@ class _ConsumerBase:
             retry_backoff_ms=retry_backoff_ms,
             retry_backoff_max_ms=retry_backoff_max_ms,
             handler_timeout_ms=handler_timeout_ms,
+            noack=noack,
         )
+        self._noack = noack
         self.client = client
         self._machine = ConsumerMachine(self.config)
         self._cluster = _cluster.is_cluster(client)
@@ -626,8 +629,9 @@ class _ConsumerBase:
         if messages:
             if len(self.streams) == 1:
                 ids = [m.id for m in messages]
-                self._leases.hold(self.streams[0], ids)
-            else:
+                if not self._noack:  # read with NOACK: nothing pending, nothing to renew
+                    self._leases.hold(self.streams[0], ids)
+            elif not self._noack:
                 for stream, stream_ids in _ids_by_stream(messages).items():
                     self._leases.hold(stream, stream_ids)
         return Batch(messages, self, deferred=deferred, ids=ids)
@@ -655,6 +659,11 @@ class _ConsumerBase:
         return msg
 
     def _ack_commands(self, messages: Iterable[Message]) -> list[cmd.Command]:
+        if self._noack:  # nothing is pending: the ack is only counted
+            for msg in messages:
+                self._check_message(msg)
+                self.acked_count += 1
+            return []
         if type(messages) is Batch and messages._acker is self and len(self.streams) == 1:
             # A batch this consumer read from its one stream: checked when it was made.
             batch_ids = messages._ids or []
@@ -681,7 +690,7 @@ class _ConsumerBase:
             flat = [cmd.PACKED_FIELDS.encode(), cmd.pack_fields(flat)]
         return (
             "EVAL",
-            scripts.DEAD_LETTER,
+            scripts.DEAD_LETTER_UNHELD if self._noack else scripts.DEAD_LETTER,
             2,
             msg.stream,
             self.config.dead_letter_for(msg.stream),
@@ -698,6 +707,8 @@ class _ConsumerBase:
         self._check_message(msg)
         self.failed_count += 1
         reason = describe_error(error) or "failed"
+        if self._noack:  # read with NOACK: it cannot come back, so it is kept as a dead letter
+            return [self._dead_letter_command(msg, f"{reason} (read with noack: no retry)")]
         if policy.should_dead_letter(msg.deliveries, self.config.max_deliveries):
             self._forget(msg.stream, (msg.id,))
             return [self._dead_letter_command(msg, reason)]
@@ -711,6 +722,8 @@ class _ConsumerBase:
         the acked, a dead-letter move for each given up on; failures are scheduled for retry.
         Messages the handler did not settle count as failed (with its exception, if it raised).
         """
+        if self._noack:
+            return self._noack_settle_commands(batch, error)
         if batch._ids is not None and batch.all_acked():  # the hot path: one XACK, no loop
             self._forget(self.streams[0], batch._ids)
             return [cmd.xack(self.streams[0], self.group, batch._ids)]
@@ -730,6 +743,24 @@ class _ConsumerBase:
         for stream, ids in acked.items():
             self._forget(stream, ids)
         return [cmd.xack(s, self.group, ids) for s, ids in acked.items()] + commands
+
+    def _noack_settle_commands(
+        self, batch: Batch, error: BaseException | None
+    ) -> list[cmd.Command]:
+        """``_settle_commands`` for entries read with NOACK: acks are counted, the rest (failed,
+        dead-lettered or left unsettled) go to the dead-letter stream: they cannot come back."""
+        unsettled = describe_error(error) if error is not None else "not settled by the handler"
+        commands: list[cmd.Command] = []
+        for msg in batch:
+            outcome = batch.outcome(msg)
+            kind, reason = outcome if outcome is not None else ("fail", unsettled)
+            if kind == ACK:
+                self.acked_count += 1
+            elif kind == DEAD:
+                commands.append(self._dead_letter_command(msg, reason or "dead-lettered"))
+            else:
+                commands.extend(self._fail_commands(msg, reason))
+        return commands
 
     def _handler_failed(self, batch: Batch, exc: BaseException) -> None:
         log.error(
@@ -860,7 +891,8 @@ class _ConsumerBase:
     @staticmethod
     def _what(command: cmd.Command) -> str:
         if command[0] == "EVAL":
-            step = "dead-letter move" if command[1] == scripts.DEAD_LETTER else "settling step"
+            moves = (scripts.DEAD_LETTER, scripts.DEAD_LETTER_UNHELD)
+            step = "dead-letter move" if command[1] in moves else "settling step"
             return f"{step} on stream {command[3]!r}"
         return f"{command[0]} on stream {command[1]!r}"
 

@@ -64,8 +64,11 @@ class AsyncConsumer(_ConsumerBase):
 
     async def ack_many(self, messages: Iterable[Message]) -> int:
         """Acknowledge many messages in one round trip (one XACK per stream, pipelined)."""
+        before = self.acked_count
         commands = self._ack_commands(messages)
-        return await self._send(commands) if commands else 0
+        if commands:
+            await self._send(commands)
+        return self.acked_count - before
 
     async def fail(self, msg: Message, error: BaseException | str | None = None) -> None:
         """See ``Consumer.fail``."""
@@ -456,6 +459,8 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _setup(self) -> None:
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))
+        if self._noack:  # nothing of its own is ever pending: no heartbeats to send
+            return
         await self._beat()
         if self._heartbeat_task is None:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())

@@ -66,6 +66,8 @@ class ConsumerConfig:
     retry_backoff_max_ms: int = 60_000
     #: a handler still running after this long gives its batch up to the others; None: no limit
     handler_timeout_ms: int | None = None
+    #: read with XREADGROUP NOACK: at-most-once, nothing pending, no heartbeats or reclaim
+    noack: bool = False
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -111,6 +113,13 @@ class ConsumerConfig:
         check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
         if self.handler_timeout_ms is not None:
             check_int("handler_timeout_ms", self.handler_timeout_ms, 1)
+        if not isinstance(self.noack, bool):
+            raise ConfigError(f"noack must be True or False, got {self.noack!r}")
+        if self.noack and self.handler_timeout_ms is not None:
+            raise ConfigError(
+                "handler_timeout_ms does not go with noack=True: entries read with NOACK are "
+                "nobody's pending entries, so there is nothing to give up to the other consumers"
+            )
 
     @property
     def heartbeat_interval_ms(self) -> int:

@@ -46,6 +46,10 @@ class Consumer(_ConsumerBase):
 
     Or let it drive: ``c.run(handler)`` calls ``handler(batch)`` until SIGTERM/SIGINT or
     ``c.stop()``. Drive one Consumer from one thread (``stop()`` works from any).
+
+    ``noack=True`` reads with XREADGROUP NOACK: at-most-once. Nothing becomes pending, so
+    nothing is re-read, retried, reclaimed or renewed (no heartbeats); an ack is only counted;
+    a failed message goes to the dead-letter stream at once. A crash loses the batch in hand.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -72,14 +76,19 @@ class Consumer(_ConsumerBase):
     def ack_many(self, messages: Iterable[Message]) -> int:
         """Acknowledge many messages in one round trip (one XACK per stream, pipelined).
 
-        Returns how many were still pending and are now acknowledged.
+        Returns how many were still pending and are now acknowledged (with ``noack``: how many
+        were given; nothing is pending, so nothing is sent).
         """
+        before = self.acked_count
         commands = self._ack_commands(messages)
-        return self._send(commands) if commands else 0
+        if commands:
+            self._send(commands)
+        return self.acked_count - before
 
     def fail(self, msg: Message, error: BaseException | str | None = None) -> None:
         """Processing ``msg`` failed: it comes back after a backoff, exponential in its
-        deliveries; on its ``max_deliveries``-th delivery it goes to the dead-letter stream."""
+        deliveries; on its ``max_deliveries``-th delivery it goes to the dead-letter stream.
+        With ``noack`` it cannot come back: it goes to the dead-letter stream at once."""
         commands = self._fail_commands(msg, error)
         if commands:
             self._send(commands)
@@ -420,6 +429,8 @@ class Consumer(_ConsumerBase):
 
     def _setup(self) -> None:
         self._setup_outcome(_io.pool_roundtrip(self.client, self._setup_commands()))
+        if self._noack:  # nothing of its own is ever pending: no heartbeats to send
+            return
         # Alive before reading anything: nobody takes what this consumer is about to re-read.
         self._beat()
         if self._heartbeat_thread is None:

@@ -261,3 +261,35 @@ def test_count_entries_counts_without_parsing() -> None:
     assert count_entries(ValueError("x")) == 0
     assert count_entries(entries("s", 1, 3) + entries("t", 1, 2)) == 5
     assert count_entries({"s": [["1-0", ["a", "b"]]], "t": None}) == 1
+
+
+def test_noack_reads_only_new_entries_with_noack_and_never_reads_ahead() -> None:
+    m = machine(batch_size=3, max_wait_ms=500, noack=True)
+    m.begin_batch(0)
+    plan = m.next_read(0)  # no own pending list to re-read, no reclaim round: new entries
+    assert plan is not None and plan.kind == "new"
+    assert plan.commands[0][:9] == (
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c",
+        "COUNT",
+        3,
+        "BLOCK",
+        500,
+        "NOACK",
+    )
+    m.feed(plan, [entries("s", 1, 3)], 10)
+    assert [msg.deliveries for msg in m.end_batch()] == [1, 1, 1]
+    assert m.read_ahead(10) is None  # what it read would be nobody's pending entry
+    m.reply_lost()  # what the lost reply delivered is gone: nothing to re-read
+    m.begin_batch(20)
+    plan = m.next_read(10**12)
+    assert plan is not None and plan.kind == "new" and "NOACK" in plan.commands[0]
+
+
+def test_noack_refuses_a_handler_time_limit_and_a_non_bool() -> None:
+    with pytest.raises(ConfigError, match="handler_timeout_ms does not go with noack=True"):
+        machine(noack=True, handler_timeout_ms=1000)
+    with pytest.raises(ConfigError, match="noack must be True or False, got 'yes'"):
+        machine(noack="yes")

@@ -219,12 +219,16 @@ def xreadgroup(
     ids: Sequence[str],
     count: int,
     block_ms: int | None,
+    noack: bool = False,
 ) -> Command:
-    """``XREADGROUP``; ``block_ms=None`` reads without blocking (never ``BLOCK 0``: forever)."""
+    """``XREADGROUP``; ``block_ms=None`` reads without blocking (never ``BLOCK 0``: forever).
+    ``noack``: the entries delivered are not added to the pending list (at-most-once)."""
     if block_ms is None:
         head: Command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count)
     else:
         head = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", max(1, block_ms))
+    if noack:
+        head = (*head, "NOACK")
     return (*head, "STREAMS", *streams, *ids)
 
 

@@ -19,6 +19,10 @@ A batch is filled, in this order, from:
    entries idle for ``claim_idle_ms`` (XAUTOCLAIM, its cursor kept across rounds);
 4. *new*: ``>``, blocking on the server for what is left of ``max_wait_ms``.
 
+With ``noack`` only the last: entries are read with NOACK, so nothing is ever pending (no own
+list to re-read, nothing to retry or reclaim) and nothing is read ahead (a read ahead that no
+handler got would be lost on a stop).
+
 Messages delivered more than ``max_deliveries`` times without being settled (their consumers
 died on them) are set aside for the dead-letter stream instead of being handed out again.
 """
@@ -43,6 +47,8 @@ PENDING, REREAD, TAKE_BACK, RECLAIM, NEW = "pending", "reread", "take_back", "re
 MAX_CLAIM = 1_000
 #: a read of new entries for at least twice this many is split in two (``next_read(split=)``)
 SPLIT_MIN = 50
+#: a time no clock reaches (ms)
+_NEVER = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +82,14 @@ class ConsumerMachine:
             self._names[s] = s
             self._names[s.encode("utf-8", "surrogateescape")] = s
         # Cursor into our own pending list per stream still in the *pending* state.
-        self._pending_after: dict[str, str] = dict.fromkeys(config.streams, "0")
+        self._pending_after: dict[str, str] = (
+            {} if config.noack else dict.fromkeys(config.streams, "0")
+        )
         # After a lost reply the own pending list is read again without adding deliveries.
         self._quiet_reread = False
         self._claim_cursor: dict[str, str] = dict.fromkeys(config.streams, "0-0")
-        self._next_reclaim_ms = 0
+        # Never with noack: nobody's entries are pending.
+        self._next_reclaim_ms = _NEVER if config.noack else 0
         self._retry_due: dict[tuple[str, str], int] = {}
         self._buffer: list[Message] = []
         # New entries delivered beyond the batch size (reads on several nodes in flight at
@@ -179,7 +188,9 @@ class ConsumerMachine:
         plan's replies and goes on with ``next_read`` as usual. None: the next batch begins as
         usual.
         """
-        if self._pending_after or self._carry or now_ms >= self._next_reclaim_ms:
+        if self.config.noack or self._pending_after or self._carry:
+            return None
+        if now_ms >= self._next_reclaim_ms:
             return None
         if self._retry_due and min(self._retry_due.values()) <= now_ms:
             return None
@@ -195,10 +206,11 @@ class ConsumerMachine:
         streams, count = self._share(self.config.streams, remaining)
         c = self.config
         if len(self._units) == 1:
-            read = cmd.xreadgroup(c.group, c.consumer, streams, (">",) * len(streams), count, block)
+            new = (">",) * len(streams)
+            read = cmd.xreadgroup(c.group, c.consumer, streams, new, count, block, c.noack)
             return ReadPlan((read,), streams, NEW, block)
         reads = tuple(
-            cmd.xreadgroup(c.group, c.consumer, unit, (">",) * len(unit), count, block)
+            cmd.xreadgroup(c.group, c.consumer, unit, (">",) * len(unit), count, block, c.noack)
             for unit in self._split(streams)
         )
         return ReadPlan(reads, streams, NEW, block)
@@ -270,6 +282,8 @@ class ConsumerMachine:
         """A reply may have been lost: what the server delivered is only in our pending list."""
         self._buffer = []
         self._carry = []
+        if self.config.noack:
+            return  # what it delivered is nowhere now: at most once
         self._pending_after = dict.fromkeys(self.config.streams, "0")
         self._quiet_reread = True
         # Failed entries waiting for their retry stay scheduled: the re-read passes them by,

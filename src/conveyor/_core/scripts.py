@@ -15,6 +15,7 @@ __all__ = [
     "BEAT_OF",
     "CREATE_GROUP",
     "DEAD_LETTER",
+    "DEAD_LETTER_UNHELD",
     "GIVE_UP",
     "HEARTBEAT",
     "PROVENANCE_FIELDS",
@@ -122,11 +123,7 @@ return 1
 #: KEYS[1] stream, KEYS[2] dead-letter stream; ARGV group, consumer, id, deliveries, error,
 #: then the entry's fields flat (at most ``MAX_INLINE_FIELDS``; larger entries come packed into
 #: one field). Returns 1 moved, 0 not ours any more (acked or claimed).
-DEAD_LETTER = (
-    _NOW_MS
-    + """
-local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+_ADD_DEAD_LETTER = """
 local args = {KEYS[2], '*'}
 for i = 6, #ARGV do args[#args + 1] = ARGV[i] end
 local prov = {'conveyor.origin_stream', KEYS[1], 'conveyor.origin_id', ARGV[3],
@@ -134,10 +131,25 @@ local prov = {'conveyor.origin_stream', KEYS[1], 'conveyor.origin_id', ARGV[3],
   'conveyor.error', ARGV[5], 'conveyor.time', ms_text(now_ms())}
 for i = 1, #prov do args[#args + 1] = prov[i] end
 call('XADD', unpack(args))
+"""
+
+DEAD_LETTER = (
+    _NOW_MS
+    + """
+local p = call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+"""
+    + _ADD_DEAD_LETTER
+    + """
 call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 )
+
+#: ``DEAD_LETTER`` for an entry that is nobody's pending entry: read by a ``noack`` consumer
+#: (XREADGROUP NOACK), so there is nothing to check or ack. Same keys and arguments.
+#: Returns 1 (added).
+DEAD_LETTER_UNHELD = _NOW_MS + _ADD_DEAD_LETTER + "\nreturn 1\n"
 
 #: Renew the lease of the entries a consumer is working on, so a long handler is not robbed
 #: (XCLAIM to itself resets their idle time), then record that it is alive. Entries another

@@ -1,5 +1,6 @@
-"""``conveyor consume``: read a group's messages as JSON lines, and acknowledge them; or, with
-``--no-ack``, look at what the group has not been delivered yet without changing anything."""
+"""``conveyor consume``: read a group's messages as JSON lines, and acknowledge them; with
+``--no-ack`` read them with XREADGROUP NOACK (at-most-once, nothing pending); with ``--peek``
+look at what the group has not been delivered yet without changing anything."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class _Reader:
         self.consumer.close()
 
 
-#: longest a single blocking XREAD of --no-ack waits, under the client's socket timeout
+#: longest a single blocking XREAD of --peek waits, under the client's socket timeout
 _PEEK_BLOCK_MS = 5_000
 
 
@@ -161,6 +162,12 @@ def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
 @click.option(
     "--no-ack",
     is_flag=True,
+    help="Read with XREADGROUP NOACK: at-most-once. The group moves on, nothing becomes "
+    "pending, nothing is acked; what is printed is gone from the group.",
+)
+@click.option(
+    "--peek",
+    is_flag=True,
     help="Only look: print what the group has not been delivered yet (after its last "
     "delivered id) without joining it; nothing becomes pending, no delivery is counted.",
 )
@@ -185,6 +192,7 @@ def consume(
     batch_size: int,
     max_wait_ms: int,
     no_ack: bool,
+    peek: bool,
     follow: bool,
     create: bool,
     as_json: bool,
@@ -199,29 +207,39 @@ def consume(
     a read comes back empty, or with --follow only on Ctrl-C/SIGTERM: the read in hand is
     printed and acknowledged first; a second signal stops at once. A summary goes to stderr.
 
-    --no-ack only looks: it prints the entries the group has not been delivered yet, with
+    --no-ack reads with XREADGROUP NOACK (at-most-once): the group moves past what is
+    printed, nothing becomes pending and nothing is acknowledged; a crash loses what was read
+    and not printed.
+
+    --peek only looks: it prints the entries the group has not been delivered yet, with
     deliveries 0, and changes nothing in Redis (no consumer that would linger and later look
     DEAD, no pending entry, no delivery counted towards the dead-letter limit).
 
     \b
     Examples:
       conveyor consume --stream orders --group billing --count 10
-      conveyor consume -s orders -g audit --no-ack --count 5 | jq .fields
+      conveyor consume -s orders -g audit --peek --count 5 | jq .fields
+      conveyor consume -s metrics -g sampler --no-ack --follow
       conveyor consume -s orders -g billing --follow --max-wait-ms 5000
     """
-    if no_ack and consumer:
+    if peek and consumer:
         raise CliError(
-            "--no-ack reads without joining the group, so --consumer does not go with it "
+            "--peek reads without joining the group, so --consumer does not go with it "
             "(`conveyor pending --consumer NAME` lists what a consumer holds)"
+        )
+    if peek and no_ack:
+        raise CliError(
+            "--peek and --no-ack do not go together: --peek only looks, --no-ack consumes "
+            "without acknowledging"
         )
     stop = threading.Event()
     with client_for(url) as client:
         if not create and not client.exists(stream):
             raise CliError(f"stream {stream!r} does not exist (--create creates it)")
-        if no_ack:
-            peek = _Peek(client, stream, group, max_wait_ms)
+        if peek:
+            peeker = _Peek(client, stream, group, max_wait_ms)
             printed, _ = _drain(
-                lambda want: peek.read(min(batch_size, want or batch_size), stop),
+                lambda want: peeker.read(min(batch_size, want or batch_size), stop),
                 stop,
                 count=count,
                 follow=follow,
@@ -240,13 +258,25 @@ def consume(
             consumer=name,
             batch_size=min(batch_size, count or batch_size),
             max_wait_ms=max_wait_ms,
+            noack=no_ack,
         )
         try:
             printed, acked = _drain(
-                reader.read, stop, count=count, follow=follow, settle=reader.ack_many
+                reader.read,
+                stop,
+                count=count,
+                follow=follow,
+                settle=None if no_ack else reader.ack_many,
             )
         finally:
             reader.close()
+    if no_ack:
+        click.echo(
+            f"{printed} messages from {stream} as consumer {name!r} of group {group!r}, read "
+            "with NOACK (nothing pending, nothing to ack)",
+            err=True,
+        )
+        return
     click.echo(
         f"{printed} messages from {stream} as consumer {name!r} of group {group!r}, {acked} acked",
         err=True,
