@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from binascii import crc_hqx
 
-__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key", "key_slot"]
+__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key", "key_slot", "reader_key"]
 
 SLOTS = 16384
 
@@ -93,3 +93,13 @@ def heartbeat_key(stream: str, group: str) -> str:
     '{orders}:heartbeats:billing'
     """
     return _derived(stream, f"heartbeats:{group}")
+
+
+def reader_key(stream: str, name: str) -> str:
+    """The checkpoint of the plain reader ``name`` on ``stream``: a string holding the id of
+    the last entry it committed.
+
+    >>> reader_key("orders", "audit"), reader_key("{shop}orders", "audit")
+    ('{orders}:reader:audit', '{shop}orders:reader:audit')
+    """
+    return _derived(stream, f"reader:{name}")
