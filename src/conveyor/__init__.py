@@ -32,6 +32,7 @@ from conveyor.models import (
 )
 from conveyor.monitor import AsyncMonitor, Monitor, Snapshot
 from conveyor.producer import AsyncProducer, Producer
+from conveyor.reader import AsyncStreamReader, StreamReader
 from conveyor.retention import async_safe_trim, safe_trim
 from conveyor.scaler import AsyncScaler, Scaler
 from conveyor.server import EmbeddedServer
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncMonitor",
     "AsyncProducer",
     "AsyncScaler",
+    "AsyncStreamReader",
     "Batch",
     "CleanupReport",
     "ConfigError",
@@ -71,6 +73,7 @@ __all__ = [
     "ServerNotFound",
     "Snapshot",
     "StreamInfo",
+    "StreamReader",
     "TrimReport",
     "__version__",
     "async_safe_trim",
