@@ -142,8 +142,9 @@ class Outage:
     A failure that lasts is logged again once a minute.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, kind: str = "consumer") -> None:
         self.name = name
+        self.kind = kind
         self.attempts = 0
         self.since = 0.0
         self._logged = 0.0
@@ -154,10 +155,11 @@ class Outage:
         if self.attempts == 0:
             self.since = self._logged = now
             if isinstance(exc, ConnectionLost):
-                log.warning("consumer %r: %s; reconnecting with backoff", self.name, exc)
+                log.warning("%s %r: %s; reconnecting with backoff", self.kind, self.name, exc)
             else:
                 log.error(
-                    "consumer %r: %s; retrying with backoff",
+                    "%s %r: %s; retrying with backoff",
+                    self.kind,
                     self.name,
                     exc,
                     exc_info=None if isinstance(exc, ConveyorError) else exc,
@@ -165,21 +167,23 @@ class Outage:
         elif now - self._logged >= _REPEAT_LOG_S:
             self._logged = now
             log.warning(
-                "consumer %r: still failing after %.0f s (%d attempts): %s",
+                "%s %r: still failing after %.0f s (%d attempts): %s",
+                self.kind,
                 self.name,
                 now - self.since,
                 self.attempts,
                 exc,
             )
         else:
-            log.debug("consumer %r: still failing: %s", self.name, exc)
+            log.debug("%s %r: still failing: %s", self.kind, self.name, exc)
         self.attempts += 1
         return policy.reconnect_delay_ms(self.attempts) / 1000
 
     def over(self) -> None:
         if self.attempts:
             log.warning(
-                "consumer %r: working again after %.1f s (%d attempts)",
+                "%s %r: working again after %.1f s (%d attempts)",
+                self.kind,
                 self.name,
                 time.monotonic() - self.since,
                 self.attempts,

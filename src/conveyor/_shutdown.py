@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["SIGNALS", "StopNow", "graceful"]
+__all__ = ["SIGNALS", "StopNow", "graceful", "install_async_signals"]
 
 log = logging.getLogger("conveyor.shutdown")
 
@@ -69,3 +69,42 @@ def graceful(name: str, stop: Callable[[], None], grace_period_ms: int) -> Itera
             signal.signal(sig, handler)
         if timer is not None:
             timer.cancel()
+
+
+def install_async_signals(
+    loop: Any,
+    name: str,
+    stop: Callable[[], None],
+    cancel_now: Callable[[], None],
+    grace_period_ms: int,
+) -> list[int]:
+    """``graceful`` for an asyncio ``run()``: the first SIGTERM/SIGINT calls ``stop`` and, after
+    the grace period, ``cancel_now``; a second calls ``cancel_now`` at once. Main thread only;
+    returns the signals installed (remove them with ``loop.remove_signal_handler``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    seen = 0
+
+    def on_signal() -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 1:
+            log.warning(
+                "%s: signal received: finishing the batch in hand (grace period %d ms); "
+                "signal again to stop at once",
+                name,
+                grace_period_ms,
+            )
+            stop()
+            loop.call_later(grace_period_ms / 1000, cancel_now)
+        else:
+            cancel_now()
+
+    installed: list[int] = []
+    for sig in SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not supported on this platform/loop
+            pass
+    return installed

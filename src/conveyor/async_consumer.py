@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from conveyor._consumer_base import (
 )
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
-from conveyor._shutdown import StopNow
+from conveyor._shutdown import StopNow, install_async_signals
 from conveyor.errors import ConnectionLost, HandlerTimeout
 from conveyor.models import Batch, Message, describe_error
 
@@ -183,35 +182,7 @@ class AsyncConsumer(_ConsumerBase):
     # -- I/O -----------------------------------------------------------------------------------
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop, grace_period_ms: int) -> list[int]:
-        if threading.current_thread() is not threading.main_thread():
-            return []
-        import signal
-
-        seen = 0
-
-        def on_signal() -> None:
-            nonlocal seen
-            seen += 1
-            if seen == 1:
-                log.warning(
-                    "%s: signal received: finishing the batch in hand (grace period %d ms); "
-                    "signal again to stop at once",
-                    self.name,
-                    grace_period_ms,
-                )
-                self.stop()
-                loop.call_later(grace_period_ms / 1000, self._cancel_now)
-            else:
-                self._cancel_now()
-
-        installed: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, on_signal)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not supported on this platform/loop
-                pass
-        return installed
+        return install_async_signals(loop, self.name, self.stop, self._cancel_now, grace_period_ms)
 
     def _cancel_now(self) -> None:
         self._stop_now = True

@@ -21,7 +21,7 @@ from conveyor import _cluster, _io
 from conveyor._consumer_base import Outage
 from conveyor._core import policy
 from conveyor._core.reader import Plan, ReaderConfig, ReaderMachine, Round
-from conveyor._shutdown import SIGNALS, StopNow, graceful
+from conveyor._shutdown import StopNow, graceful, install_async_signals
 from conveyor.connection import READ_MARGIN_S, reader_connection
 from conveyor.errors import ConfigError
 from conveyor.models import Message, describe_error
@@ -112,11 +112,6 @@ class _ReaderBase:
     @property
     def _label(self) -> str:
         return self._machine.label
-
-    @property
-    def _outage_name(self) -> str:
-        # Outage's lines read "consumer '<name>': ..."
-        return f"reader:{self.name}" if self.name is not None else "reader"
 
     def _connection(self, node: Any = None) -> Any:
         """The reader's own connection (to ``node`` on a cluster), made on first use."""
@@ -241,7 +236,7 @@ class StreamReader(_ReaderBase):
         end the loop. The first signal lets the batch in hand finish within
         ``grace_period_ms`` and commits it; a second stops at once (that batch comes again).
         """
-        outage = Outage(self._outage_name)
+        outage = Outage(self.name or "(unnamed)", "reader")
         failures = 0
         try:
             with graceful(self._label, self.stop, grace_period_ms):
@@ -352,7 +347,7 @@ class AsyncStreamReader(_ReaderBase):
         SIGTERM/SIGINT are handled through the running loop (main thread, Unix); the end of
         the grace period or a second signal cancels the handler (its batch is not committed).
         """
-        outage = Outage(self._outage_name)
+        outage = Outage(self.name or "(unnamed)", "reader")
         failures = 0
         loop = asyncio.get_running_loop()
         signals = self._install_signals(loop, grace_period_ms)
@@ -439,33 +434,9 @@ class AsyncStreamReader(_ReaderBase):
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop, grace_period_ms: int) -> list[int]:
-        if threading.current_thread() is not threading.main_thread():
-            return []
-        seen = 0
-
-        def on_signal() -> None:
-            nonlocal seen
-            seen += 1
-            if seen == 1:
-                log.warning(
-                    "%s: signal received: finishing the batch in hand (grace period %d ms); "
-                    "signal again to stop at once",
-                    self._label,
-                    grace_period_ms,
-                )
-                self.stop()
-                loop.call_later(grace_period_ms / 1000, self._cancel_now)
-            else:
-                self._cancel_now()
-
-        installed: list[int] = []
-        for sig in SIGNALS:
-            try:
-                loop.add_signal_handler(sig, on_signal)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not supported on this platform/loop
-                pass
-        return installed
+        return install_async_signals(
+            loop, self._label, self.stop, self._cancel_now, grace_period_ms
+        )
 
     def _cancel_now(self) -> None:
         self._stop_now = True
