@@ -213,6 +213,7 @@ class _ConsumerBase:
         retry_backoff_ms: int = 1_000,
         retry_backoff_max_ms: int = 60_000,
         handler_timeout_ms: int | None = None,
+        max_message_bytes: int | None = None,
         noack: bool = False,
     ) -> None:
         streams = (stream,) if isinstance(stream, str | bytes) else tuple(stream)
@@ -235,6 +236,7 @@ class _ConsumerBase:
             retry_backoff_max_ms=retry_backoff_max_ms,
             handler_timeout_ms=handler_timeout_ms,
             noack=noack,
+            max_message_bytes=max_message_bytes,
         )
         self._noack = noack
         self.client = client
@@ -1013,7 +1015,19 @@ class _ConsumerBase:
         return replies[len(carry) :]
 
     def _after_read_commands(self) -> list[cmd.Command]:
-        return self._drop_commands() + self._overdue_commands()
+        return self._drop_commands() + self._overdue_commands() + self._oversized_commands()
+
+    def _oversized_commands(self) -> list[cmd.Command]:
+        commands = []
+        limit = self.config.max_message_bytes
+        for msg, size in self._machine.take_oversized():
+            reason = (
+                f"{size} bytes of fields, over max_message_bytes={limit}: dead-lettered "
+                "without being handed to the handler"
+            )
+            log.warning("message %s of %r: %s", msg.id, msg.stream, reason)
+            commands.append(self._dead_letter_command(msg, reason))
+        return commands
 
     def _heartbeat_commands(self) -> list[tuple[str, cmd.Command]]:
         """``(stream, command)`` pairs: per stream, the beat and the renewal of its in-flight

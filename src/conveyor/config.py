@@ -68,6 +68,8 @@ class ConsumerConfig:
     handler_timeout_ms: int | None = None
     #: read with XREADGROUP NOACK: at-most-once, nothing pending, no heartbeats or reclaim
     noack: bool = False
+    #: entries larger than this (field names and values, in bytes) are dead-lettered unseen
+    max_message_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.streams:
@@ -113,6 +115,8 @@ class ConsumerConfig:
         check_int("retry_backoff_max_ms", self.retry_backoff_max_ms, self.retry_backoff_ms)
         if self.handler_timeout_ms is not None:
             check_int("handler_timeout_ms", self.handler_timeout_ms, 1)
+        if self.max_message_bytes is not None:
+            check_int("max_message_bytes", self.max_message_bytes, 1)
         if not isinstance(self.noack, bool):
             raise ConfigError(f"noack must be True or False, got {self.noack!r}")
         if self.noack and self.handler_timeout_ms is not None:
@@ -146,9 +150,13 @@ class ProducerConfig:
     approximate: bool = True
     codec: Codec | None = None
     chunk: int = 500
+    #: a message larger than this (field names and values, in bytes) is refused unsent
+    max_message_bytes: int | None = None
 
     def __post_init__(self) -> None:
         check_name("stream", self.stream)
+        if self.max_message_bytes is not None:
+            check_int("max_message_bytes", self.max_message_bytes, 1)
         if self.maxlen is not None:
             check_int("maxlen", self.maxlen, 0)
         if self.minid is not None and not (

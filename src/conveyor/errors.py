@@ -5,7 +5,7 @@ Errors are split by whose fault they are, so callers can catch the right thing::
     ConveyorError
      ├── ConfigError (ValueError)          the caller passed a bad argument
      ├── FieldTypeError (TypeError)        a message field holds a value Redis cannot store
-     ├── PayloadError (ValueError)         a message payload could not be decoded
+     ├── PayloadError (ValueError)         a payload could not be decoded, or is too large
      ├── ServerError                       the server replied with an error we cannot absorb
      │    └── GroupMissingError            the stream or group vanished (NOGROUP)
      ├── ConnectionLost (ConnectionError)  the connection broke or timed out; safe to retry
@@ -43,7 +43,8 @@ class FieldTypeError(ConveyorError, TypeError):
 
 
 class PayloadError(ConveyorError, ValueError):
-    """A message's payload field is missing or is not valid for its codec."""
+    """A message's payload field is missing or is not valid for its codec, or a message is
+    larger than ``max_message_bytes``."""
 
 
 class ServerError(ConveyorError):

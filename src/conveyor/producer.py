@@ -16,7 +16,7 @@ from conveyor import _io
 from conveyor._core import commands as cmd
 from conveyor._io import server_error
 from conveyor.config import Codec, ProducerConfig
-from conveyor.errors import ConfigError, ConnectionLost, FieldTypeError
+from conveyor.errors import ConfigError, ConnectionLost, FieldTypeError, PayloadError
 from conveyor.models import PAYLOAD_FIELD, dump_payload
 
 __all__ = ["AsyncProducer", "Producer"]
@@ -37,6 +37,7 @@ class _ProducerBase:
         approximate: bool = True,
         codec: Codec | None = None,
         chunk: int = 500,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.config = ProducerConfig(
             stream=stream,
@@ -45,6 +46,7 @@ class _ProducerBase:
             approximate=approximate,
             codec=codec,
             chunk=chunk,
+            max_message_bytes=max_message_bytes,
         )
         self.client = client
         #: entries this producer has added
@@ -66,6 +68,13 @@ class _ProducerBase:
                 raise FieldTypeError(f"payload{where} is not JSON-serializable: {exc}") from None
         else:
             cmd.validate_fields(fields, where)
+        if c.max_message_bytes is not None:
+            size = cmd.fields_bytes(fields)
+            if size > c.max_message_bytes:
+                raise PayloadError(
+                    f"message{where} for stream {c.stream!r} is {size} bytes of fields, over "
+                    f"max_message_bytes={c.max_message_bytes}; nothing of it was sent"
+                )
         return cmd.xadd(c.stream, fields, c.maxlen, c.minid, c.approximate)
 
     def _chunks(self, rows: Iterable[Any], chunk: int | None) -> Iterator[list[cmd.Command]]:
@@ -142,8 +151,8 @@ class Producer(_ProducerBase):
                 ids.extend(self._ids(replies, len(ids)))
         except ConnectionLost as exc:
             raise self._lost(exc, len(ids)) from exc
-        except FieldTypeError as exc:
-            raise FieldTypeError(f"{exc} ({len(ids)} entries before it were added)") from None
+        except (FieldTypeError, PayloadError) as exc:
+            raise type(exc)(f"{exc} ({len(ids)} entries before it were added)") from None
         return ids
 
 
@@ -166,6 +175,6 @@ class AsyncProducer(_ProducerBase):
                 ids.extend(self._ids(replies, len(ids)))
         except ConnectionLost as exc:
             raise self._lost(exc, len(ids)) from exc
-        except FieldTypeError as exc:
-            raise FieldTypeError(f"{exc} ({len(ids)} entries before it were added)") from None
+        except (FieldTypeError, PayloadError) as exc:
+            raise type(exc)(f"{exc} ({len(ids)} entries before it were added)") from None
         return ids

@@ -192,3 +192,11 @@ def test_a_packed_dead_letter_is_parsed_into_its_own_fields() -> None:
         "2-0", [x.decode("utf-8", "surrogateescape") for x in flat], "utf-8"
     )
     assert letter.fields["k"] == "v" and letter.origin_id == "1-0"
+
+
+def test_fields_bytes_counts_names_and_values_as_stored() -> None:
+    from conveyor._core.commands import fields_bytes
+
+    assert fields_bytes({"id": "42", "name": "Zoë", b"raw": b"\x00\x01", "n": 7}) == 19
+    assert fields_bytes({"k": "\udcff"}, "utf-8") == 2  # a surrogate escape is its one byte
+    assert fields_bytes({"k": "é"}, "latin-1") == 2

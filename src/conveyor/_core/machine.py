@@ -99,6 +99,8 @@ class ConsumerMachine:
         # share a hash slot (the driver says which).
         self._units: tuple[tuple[str, ...], ...] = (tuple(config.streams),)
         self._overdue: list[Message] = []
+        # Entries over max_message_bytes, with their size: dead-lettered, never handed out.
+        self._oversized: list[tuple[Message, int]] = []
         self._deadline_ms = 0
         self._first_ms: int | None = None
         self._new_reads = 0
@@ -222,7 +224,10 @@ class ConsumerMachine:
             self._new_reads += 1
             for reply in replies:
                 result = cmd.parse_read(reply, self._names, self.config.encoding, 1)
-                self._buffer.extend(result.messages)
+                if self.config.max_message_bytes is None:
+                    self._buffer.extend(result.messages)
+                else:
+                    self._buffer.extend(self._within_size(result.messages))
         elif plan.kind == PENDING:
             self._feed_pending(plan, replies)
         elif plan.kind == REREAD:
@@ -252,6 +257,24 @@ class ConsumerMachine:
         """``(stream, id)`` of deleted entries to remove from the pending list (XACK them)."""
         drops, self._drops = self._drops, []
         return drops
+
+    def take_oversized(self) -> list[tuple[Message, int]]:
+        """Messages over ``max_message_bytes``, with their size: dead-letter them."""
+        oversized, self._oversized = self._oversized, []
+        return oversized
+
+    def _within_size(self, messages: list[Message]) -> list[Message]:
+        """``messages`` without those over ``max_message_bytes`` (set aside)."""
+        limit = self.config.max_message_bytes
+        assert limit is not None
+        kept = []
+        for msg in messages:
+            size = cmd.fields_bytes(msg.fields, self.config.encoding)
+            if size > limit:
+                self._oversized.append((msg, size))
+            else:
+                kept.append(msg)
+        return kept
 
     def take_overdue(self) -> list[Message]:
         """Messages delivered more than ``max_deliveries`` times: dead-letter them."""
@@ -470,7 +493,10 @@ class ConsumerMachine:
     def _absorb(self, result: cmd.ReadResult) -> None:
         if result.messages:
             limit = self.config.max_deliveries
-            for msg in result.messages:
+            messages = result.messages
+            if self.config.max_message_bytes is not None:
+                messages = self._within_size(messages)
+            for msg in messages:
                 if policy.is_overdue(msg.deliveries, limit):
                     self._overdue.append(msg)
                 else:
