@@ -334,8 +334,9 @@ class from_redis_consumer_group(_RedisSource):
     seconds (0 or None: forever). ``data`` is a dict of str, of bytes with ``convert=False``.
     ``consumer=None`` takes a unique name; give a fixed one to get, after a crash, what the
     crashed process held. ``start_from_backlog``: a new group sees the stream's existing
-    entries (False: only new ones). Other keywords go to ``conveyor.Consumer`` as they are
-    (``max_deliveries``, ``dead_letter``, ``retry_backoff_ms``, ...).
+    entries (False: only new ones). A read returns as soon as there are messages, up to
+    ``count``. Other keywords go to ``conveyor.Consumer`` as they are (``max_deliveries``,
+    ``dead_letter``, ``retry_backoff_ms``, ``linger_ms`` to let a read wait to fill, ...).
 
     Acknowledgements go out in batches, before each read and on ``stop()``. A message whose
     pipeline raised is failed: it comes back after a backoff, and goes to the dead-letter
@@ -407,6 +408,9 @@ class from_redis_consumer_group(_RedisSource):
             "consumer": consumer if consumer is not None else default_consumer_name(),
             "batch_size": count,
             "max_wait_ms": max_wait_ms,
+            # a read returns what is there at once, as the seed's XREADGROUP did; entries a
+            # read holds back to fill its batch would wait unrenewed
+            "linger_ms": 0,
             "start": "0" if start_from_backlog else "$",
             "encoding": encoding if convert else None,
             **({"claim_idle_ms": claim_ms} if claim_ms is not None else {}),
