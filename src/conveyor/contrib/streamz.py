@@ -47,6 +47,7 @@ from conveyor.consumer import Consumer, default_consumer_name
 from conveyor.errors import ConfigError, FieldTypeError
 from conveyor.models import Message
 from conveyor.producer import Producer
+from conveyor.reader import StreamReader
 
 __all__ = ["from_redis_consumer_group", "from_redis_streams", "sink_to_redis_stream"]
 
@@ -133,12 +134,6 @@ def _max_wait_ms(timeout: Any) -> int:
     return ms or _FOREVER_ROUND_MS
 
 
-def _stream_reader() -> Any:
-    from conveyor import reader
-
-    return reader.StreamReader
-
-
 def _split_start(start: Any, owner: str) -> bool:
     """streamz's ``start`` (begin at once) must be a bool here."""
     if not isinstance(start, bool):
@@ -196,6 +191,9 @@ class _RedisSource(Source):  # type: ignore[misc]
     # -- what a source does (subclasses) ---------------------------------------------------------
 
     def _label(self) -> str:
+        raise NotImplementedError
+
+    def _outage(self) -> Outage:
         raise NotImplementedError
 
     def _open(self) -> None:
@@ -262,7 +260,7 @@ class _RedisSource(Source):  # type: ignore[misc]
             await asyncio.sleep(0.01)
         self._busy = True
         self._wakeup = asyncio.Event()
-        outage = Outage(self._label())
+        outage = self._outage()
         try:
             self._open()
             while not self.stopped:
@@ -309,7 +307,7 @@ class _RedisSource(Source):  # type: ignore[misc]
         """``fn(*args)`` in the source's one read thread (the reader is driven from there)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"conveyor-streamz-{self._label()}"
+                max_workers=1, thread_name_prefix="conveyor-streamz-read"
             )
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
@@ -439,7 +437,10 @@ class from_redis_consumer_group(_RedisSource):
         )
 
     def _label(self) -> str:
-        return self.consumer.name
+        return f"consumer {self.consumer.name!r}"
+
+    def _outage(self) -> Outage:
+        return Outage(self.consumer.name)
 
     def _open(self) -> None:
         if self._consumer_closed:
@@ -458,7 +459,7 @@ class from_redis_consumer_group(_RedisSource):
         log.error(
             "%s: the pipeline raised on message %s of %r (delivery %d): %r; failed, it comes "
             "back after a backoff",
-            self.consumer.name,
+            self._label(),
             msg.id,
             msg.stream,
             msg.deliveries,
@@ -504,7 +505,7 @@ class from_redis_consumer_group(_RedisSource):
         except Exception as exc:
             log.warning(
                 "%s: acknowledging on stop failed: %s; those messages stay pending",
-                self.consumer.name,
+                self._label(),
                 exc,
             )
         self._consumer_closed = True  # closing marks it closed, whatever happens next
@@ -579,7 +580,7 @@ class from_redis_streams(_RedisSource):
         client, owns = _resolve_client(self._owner, url, client)
         try:
             #: the StreamReader reading for this source (a new one after a restart)
-            self.reader = _stream_reader()(client, self._stream_arg(), reader, **self._reader_args)
+            self.reader = StreamReader(client, self._stream_arg(), reader, **self._reader_args)
         except BaseException:
             if owns:
                 client.close()
@@ -587,6 +588,7 @@ class from_redis_streams(_RedisSource):
         # Per stream, on the loop: the entries emitted and not yet passed, in order, each
         # [id, left]; the checkpoint to commit (the last id passed with all before it).
         self._in_flight: dict[str, deque[list[Any]]] = {s: deque() for s in names}
+        self._entries: dict[tuple[str, str], list[Any]] = {}
         self._passed: dict[str, str] = {}
         super().__init__(
             client=client,
@@ -601,16 +603,20 @@ class from_redis_streams(_RedisSource):
         return self._streams[0] if len(self._streams) == 1 else list(self._streams)
 
     def _label(self) -> str:
-        return f"reader {self._name}" if self._name else "reader"
+        return f"reader {self._name!r}" if self._name else "reader"
+
+    def _outage(self) -> Outage:
+        return Outage(self._name or "(unnamed)", "reader")
 
     def _open(self) -> None:
         if self._reader_closed:
-            self.reader = _stream_reader()(
+            self.reader = StreamReader(
                 self.client, self._stream_arg(), self._name, **self._reader_args
             )
             self._reader_closed = False
             for waiting in self._in_flight.values():
                 waiting.clear()
+            self._entries.clear()
 
     _reader_closed = False
 
@@ -618,14 +624,16 @@ class from_redis_streams(_RedisSource):
         self.reader.stop()
 
     def _emitting(self, msg: Message) -> None:
-        self._in_flight[msg.stream].append([msg.id, False])
+        entry = [msg.id, False]
+        self._in_flight[msg.stream].append(entry)
+        self._entries[msg.stream, msg.id] = entry
 
     def _left(self, msg: Message) -> None:
+        entry = self._entries.pop((msg.stream, msg.id), None)
+        if entry is None:  # emitted before a restart
+            return
+        entry[1] = True
         waiting = self._in_flight[msg.stream]
-        for entry in waiting:
-            if entry[0] == msg.id:
-                entry[1] = True
-                break
         while waiting and waiting[0][1]:
             self._passed[msg.stream] = waiting.popleft()[0]
 
