@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import ssl
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import redis.asyncio
 import conveyor
 from conveyor import ConfigError, ConnectionLost, Consumer, EmbeddedServer, Producer
 from conveyor.server import free_port
+from tests.tls import TlsFiles, make_certificates
 
 
 def test_connect_reads_redis_url(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
@@ -69,16 +72,149 @@ def test_tls_options_without_tls_are_refused() -> None:
         conveyor.connect("redis://localhost:6379/0", ssl_ca_certs="/ca.pem")
 
 
-def test_tls_options_are_passed_through(tmp_path: object) -> None:
+def test_tls_options_are_passed_through(certs: TlsFiles) -> None:
     client = conveyor.connect(
         "rediss://localhost:6380/0",
-        ssl_ca_certs="/ca.pem",
-        ssl_certfile="/c.pem",
-        ssl_keyfile="/k.pem",
+        ssl_ca_certs=str(certs.ca),
+        ssl_certfile=str(certs.client_cert),
+        ssl_keyfile=str(certs.client_key),
     )
     kwargs = client.connection_pool.connection_kwargs
-    assert kwargs["ssl_ca_certs"] == "/ca.pem" and kwargs["ssl_certfile"] == "/c.pem"
-    assert client.connection_pool.connection_class is redis.SSLConnection
+    assert kwargs["ssl_ca_certs"] == str(certs.ca)
+    assert kwargs["ssl_certfile"] == str(certs.client_cert)
+    assert issubclass(client.connection_pool.connection_class, redis.SSLConnection)
+
+
+# -- connect()'s TLS keywords (the TLS server's tests: tests/test_tls.py) ----------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize("asyncio", [False, True])
+def test_tls_keywords_are_redis_py_ssl_options(certs: TlsFiles, asyncio: bool) -> None:
+    client = conveyor.connect(
+        "rediss://localhost:6380/0",
+        asyncio=asyncio,
+        tls_ca=certs.ca,  # a Path will do
+        tls_cert=str(certs.client_cert),
+        tls_key=str(certs.client_key),
+    )
+    pool = client.connection_pool
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(certs.ca)
+    assert pool.connection_kwargs["ssl_certfile"] == str(certs.client_cert)
+    assert pool.connection_kwargs["ssl_keyfile"] == str(certs.client_key)
+    ssl_class = redis.asyncio.SSLConnection if asyncio else redis.SSLConnection
+    assert issubclass(pool.connection_class, ssl_class)
+    assert pool.connection_kwargs.get("ssl_cert_reqs", "required") == "required"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "option"),
+    [("tls_ca", "ssl_ca_certs"), ("tls_cert", "ssl_certfile"), ("tls_key", "ssl_keyfile")],
+)
+def test_both_spellings_of_one_setting_are_refused(
+    certs: TlsFiles, keyword: str, option: str
+) -> None:
+    path = str(certs.client_cert if keyword == "tls_cert" else certs.ca)
+    with pytest.raises(ConfigError) as caught:
+        conveyor.connect("rediss://localhost:6380/0", **{keyword: path, option: path})
+    message = str(caught.value)
+    assert keyword in message and option in message and "\n" not in message
+
+
+def test_tls_insecure_and_ssl_cert_reqs_are_one_setting() -> None:
+    with pytest.raises(ConfigError, match="tls_insecure and ssl_cert_reqs"):
+        conveyor.connect("rediss://localhost:6380/0", tls_insecure=True, ssl_cert_reqs="none")
+
+
+@pytest.mark.parametrize("keyword", ["tls_ca", "tls_cert", "tls_key", "tls_insecure"])
+@pytest.mark.parametrize("url", ["redis://u:sekret@localhost:6379/0", "unix:///tmp/r.sock"])
+def test_tls_keywords_need_a_tls_url(certs: TlsFiles, keyword: str, url: str) -> None:
+    value: object = True if keyword == "tls_insecure" else str(certs.client_cert)
+    with pytest.raises(ConfigError, match="need a rediss:// URL") as caught:
+        conveyor.connect(url, **{keyword: value})
+    assert keyword in str(caught.value) and "sekret" not in str(caught.value)
+
+
+def test_tls_keywords_work_with_every_tls_scheme(certs: TlsFiles) -> None:
+    for url in ("valkeys://localhost:6380", "rediss+sentinel://localhost:26379/mymaster"):
+        client = conveyor.connect(url, tls_ca=certs.ca)
+        client.close()
+
+
+@pytest.mark.parametrize("keyword", ["tls_ca", "tls_cert", "ssl_ca_certs"])
+def test_a_missing_tls_file_is_one_line_naming_option_and_path(
+    tmp_path: Path, keyword: str
+) -> None:
+    missing = tmp_path / "nowhere" / "ca.pem"
+    with pytest.raises(ConfigError) as caught:
+        conveyor.connect("rediss://localhost:6380/0", **{keyword: str(missing)})
+    assert str(caught.value) == f"{keyword} file {missing} does not exist"
+
+
+def test_a_missing_tls_file_in_the_url_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    with pytest.raises(ConfigError, match=re.escape(f"ssl_ca_certs file {missing} does not exist")):
+        conveyor.connect(f"rediss://localhost:6380/0?ssl_ca_certs={missing}")
+
+
+def test_an_unreadable_tls_file_is_named(certs: TlsFiles) -> None:
+    # a path through a file: unreadable for root too, where chmod 0 would not be
+    unreadable = certs.client_key / "key.pem"
+    with pytest.raises(ConfigError, match=re.escape(f"tls_key file {unreadable} cannot be read")):
+        conveyor.connect("rediss://h:6380", tls_cert=certs.client_cert, tls_key=unreadable)
+
+
+def test_a_directory_is_not_a_tls_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"tls_ca {tmp_path} is a directory")):
+        conveyor.connect("rediss://localhost:6380/0", tls_ca=tmp_path)
+
+
+def test_tls_files_that_hold_the_wrong_thing_are_named(certs: TlsFiles) -> None:
+    with pytest.raises(ConfigError, match=r"tls_ca file .* holds no CA certificate"):
+        conveyor.connect("rediss://h:6380", tls_ca=certs.client_key)
+    with pytest.raises(ConfigError, match=r"tls_cert .* and tls_key .*: not a certificate"):
+        conveyor.connect("rediss://h:6380", tls_cert=certs.client_cert, tls_key=certs.server_key)
+    with pytest.raises(ConfigError, match="tls_key needs tls_cert"):
+        conveyor.connect("rediss://h:6380", tls_key=certs.client_key)
+
+
+@pytest.mark.parametrize(
+    ("how", "options"),
+    [
+        ("tls_insecure", {"tls_insecure": True}),
+        ("ssl_cert_reqs=none", {"ssl_cert_reqs": "none"}),
+        ("ssl_cert_reqs=none", {"ssl_cert_reqs": None}),
+        ("ssl_cert_reqs=none", {"ssl_cert_reqs": ssl.CERT_NONE}),
+    ],
+)
+def test_unverified_tls_by_keyword_is_warned_about_each_time(
+    caplog: pytest.LogCaptureFixture, how: str, options: dict[str, object]
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        for _ in range(2):
+            conveyor.connect("rediss://u:sekret@localhost:6380/0", **options).close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert all("verification is OFF" in w and how in w for w in warnings)
+    assert "sekret" not in caplog.text
+
+
+def test_verified_tls_logs_no_warning(caplog: pytest.LogCaptureFixture, certs: TlsFiles) -> None:
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        conveyor.connect("rediss://localhost:6380/0", tls_ca=certs.ca).close()
+        conveyor.connect("rediss://localhost:6380/0", ssl_cert_reqs="required").close()
+    assert caplog.records == []
+
+
+def test_an_unchecked_host_name_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        conveyor.connect("rediss://localhost:6380/0", ssl_check_hostname=False).close()
+        conveyor.connect("rediss://localhost:6380/0?ssl_check_hostname=false").close()
+    assert caplog.text.count("host name checking is OFF") == 2
 
 
 def test_an_unsupported_client_is_named() -> None:

@@ -10,14 +10,25 @@ A Sentinel-managed pool is not a host:port pool (PITFALLS 23): its connections f
 by asking the sentinels, so reader connections are built to do the same on every (re)connect.
 
 URLs and their secrets are ``_urls``'s: every error about a URL names the redacted URL only.
+
+TLS stays verified unless the caller turns it off, and then every client made says so (PITFALLS
+17). Certificate files are checked when the client is made, so a wrong path is a ConfigError
+naming the option, not a failure at the first command. A handshake that fails, or a server that
+hangs up right after it (its verdict on our client certificate comes after the handshake in TLS
+1.3, as an alert that redis-py's first write can miss), raises ``TlsFailure``: which certificate
+problem it was and which option to check, in one line.
 """
 
 from __future__ import annotations
 
+import asyncio as _asyncio
+import contextlib
 import functools
 import logging
 import os
 import re
+import socket
+import ssl
 from typing import Any, Literal, overload
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
@@ -48,6 +59,7 @@ from conveyor.errors import ConfigError
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
     "DEFAULT_URL",
+    "TlsFailure",
     "connect",
     "describe",
     "reader_connection",
@@ -92,20 +104,44 @@ def _safe_options(
     return options
 
 
+#: a path of a TLS file: str or os.PathLike
+TlsPath = str | os.PathLike[str]
+
+
 @overload
 def connect(
     url: str | None = None,
     *,
     asyncio: Literal[False] = False,
     cluster: bool | None = None,
+    tls_ca: TlsPath | None = None,
+    tls_cert: TlsPath | None = None,
+    tls_key: TlsPath | None = None,
+    tls_insecure: bool = False,
     **options: Any,
 ) -> Any: ...
 @overload
 def connect(
-    url: str | None = None, *, asyncio: Literal[True], cluster: bool | None = None, **options: Any
+    url: str | None = None,
+    *,
+    asyncio: Literal[True],
+    cluster: bool | None = None,
+    tls_ca: TlsPath | None = None,
+    tls_cert: TlsPath | None = None,
+    tls_key: TlsPath | None = None,
+    tls_insecure: bool = False,
+    **options: Any,
 ) -> Any: ...
 def connect(
-    url: str | None = None, *, asyncio: bool = False, cluster: bool | None = None, **options: Any
+    url: str | None = None,
+    *,
+    asyncio: bool = False,
+    cluster: bool | None = None,
+    tls_ca: TlsPath | None = None,
+    tls_cert: TlsPath | None = None,
+    tls_key: TlsPath | None = None,
+    tls_insecure: bool = False,
+    **options: Any,
 ) -> Any:
     """A client for ``url`` (else ``$REDIS_URL``, else ``redis://localhost:6379/0``).
 
@@ -115,9 +151,17 @@ def connect(
     the server (which connect() otherwise asks once, with ``INFO cluster``).
 
     Safe for streams: no automatic retry (a retried XADD can append twice), TCP keepalive on,
-    bounded connect and command timeouts. ``rediss://`` enables TLS; pass ``ssl_ca_certs``,
-    ``ssl_certfile`` and ``ssl_keyfile`` for a private CA and client certificates. Any other
-    keyword goes to ``redis.Redis`` as it is.
+    bounded connect and command timeouts. Any other keyword goes to ``redis.Redis`` as it is.
+
+    TLS: ``rediss://`` (``valkeys://``, ``rediss+sentinel://``) verifies the server's
+    certificate and host name. ``tls_ca`` is the CA file to trust (else the system's),
+    ``tls_cert`` and ``tls_key`` the client certificate and its key, for servers that ask for
+    one (redis-py's names ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` work too; one
+    spelling per setting). A file that cannot be read is a ConfigError naming the option.
+    ``tls_insecure=True`` (or ``ssl_cert_reqs="none"``, as keyword or in the URL) turns the
+    verification off and logs a warning each time a client is made. A handshake that fails
+    raises ``TlsFailure`` (a ``redis.ConnectionError``) at the first command, naming the
+    certificate problem.
 
     ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` gives a client
     for the primary of ``service`` that asks the sentinels where it is on every reconnect, so
@@ -129,6 +173,7 @@ def connect(
 
     >>> r = connect("redis://localhost:6379/0")   # doctest: +SKIP
     >>> ar = connect(asyncio=True)                 # doctest: +SKIP
+    >>> r = connect("rediss://redis.example:6380/0", tls_ca="ca.pem")   # doctest: +SKIP
     >>> r = connect("redis+sentinel://s1:26379,s2:26379/mymaster")   # doctest: +SKIP
     """
     url = (url or os.environ.get("REDIS_URL") or DEFAULT_URL).strip()
@@ -161,12 +206,16 @@ def connect(
             f"Redis URL {shown} has unknown option(s){_named(unknown, shown)} "
             "(percent-encode & = # in option values)"
         )
+    keywords = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    options, spelled = _tls_keywords(keywords, tls_insecure, options, query)
     tls_options = [k for k in (*query, *options) if k.startswith("ssl")]
     if tls_options and scheme not in _TLS_SCHEMES:
-        named = _named(tls_options, shown, always=options)
+        names = [spelled.get(k, k) for k in tls_options]
+        named = _named(names, shown, always=[spelled.get(k, k) for k in options])
         raise _config_error(f"TLS option(s){named} need a rediss:// URL, got {shown}")
-    if any(v.lower() == "none" for v in query.get("ssl_cert_reqs", [])):
-        log.warning("TLS certificate verification is OFF for %s (ssl_cert_reqs=none)", shown)
+    if tls_options:
+        _check_tls_files(options, query, spelled)
+        _warn_if_unverified(options, query, spelled, shown)
     if scheme in _SENTINEL_SCHEMES:
         return _sentinel_client(parts, shown, asyncio=asyncio, options=options)
     if scheme != "unix":
@@ -183,6 +232,134 @@ def connect(
     if scheme in _REDIS_PY_SCHEME:
         target = _REDIS_PY_SCHEME[scheme] + url[url.index(":") :]
     return _client(target, parts, shown, secrets, asyncio=asyncio, cluster=cluster, options=options)
+
+
+# -- TLS settings ------------------------------------------------------------------------------
+
+#: connect()'s TLS keywords and redis-py's names for the same settings
+_TLS_KEYWORDS = {"tls_ca": "ssl_ca_certs", "tls_cert": "ssl_certfile", "tls_key": "ssl_keyfile"}
+_FALSE_TEXTS = ("0", "f", "false", "n", "no", "off")
+
+
+def _tls_keywords(
+    keywords: dict[str, TlsPath | None],
+    insecure: bool,
+    options: dict[str, Any],
+    query: dict[str, list[str]],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``options`` with the ``tls_*`` keywords in redis-py's spelling, and which redis-py name
+    the caller spelled how (``{"ssl_ca_certs": "tls_ca"}``), for messages."""
+    options = dict(options)
+    spelled: dict[str, str] = {}
+    wanted = {k: os.fspath(v) for k, v in keywords.items() if v is not None}
+    if insecure:
+        wanted["tls_insecure"] = "none"
+    for keyword, value in wanted.items():
+        option = _TLS_KEYWORDS.get(keyword, "ssl_cert_reqs")
+        if option in options or option in query:
+            where = "" if option in options else " in the URL"
+            raise _config_error(
+                f"{keyword} and {option}{where} are the same setting: pass only one of them"
+            )
+        options[option] = value
+        spelled[option] = keyword
+    return options, spelled
+
+
+def _given(option: str, options: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    """The value of a TLS option given as keyword or (its last value) in the URL."""
+    if option in options:
+        return options[option]
+    values = query.get(option)
+    return values[-1] if values else None
+
+
+def _refuse_password_prompt() -> str:
+    raise _TlsKeyEncrypted
+
+
+class _TlsKeyEncrypted(Exception):
+    """The key file wants a password: OpenSSL would ask for it on the terminal."""
+
+
+def _check_tls_files(
+    options: dict[str, Any], query: dict[str, list[str]], spelled: dict[str, str]
+) -> None:
+    """Refuse, naming the option and the path, TLS files that cannot be read or do not hold
+    what they should: a CA certificate, a client certificate and its key."""
+    paths: dict[str, str] = {}
+    for option in _TLS_KEYWORDS.values():
+        value = _given(option, options, query)
+        if value is None or value == "":
+            continue
+        name, path = spelled.get(option, option), os.fspath(value)
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise _config_error(f"{name} file {path} does not exist") from None
+        except IsADirectoryError:
+            raise _config_error(f"{name} {path} is a directory, not a file") from None
+        except OSError as exc:
+            raise _config_error(f"{name} file {path} cannot be read: {exc.strerror}") from None
+        paths[option] = path
+    context = ssl.create_default_context()
+    if "ssl_ca_certs" in paths:
+        try:
+            context.load_verify_locations(cafile=paths["ssl_ca_certs"])
+        except ssl.SSLError as exc:
+            name = spelled.get("ssl_ca_certs", "ssl_ca_certs")
+            raise _config_error(
+                f"{name} file {paths['ssl_ca_certs']} holds no CA certificate in PEM form "
+                f"({_ssl_text(exc)})"
+            ) from None
+    cert, key = paths.get("ssl_certfile"), paths.get("ssl_keyfile")
+    cert_name = spelled.get("ssl_certfile", "ssl_certfile")
+    key_name = spelled.get("ssl_keyfile", "ssl_keyfile")
+    if key is not None and cert is None:
+        cert_name = "tls_cert" if key_name == "tls_key" else cert_name
+        raise _config_error(f"{key_name} needs {cert_name}: the certificate the key belongs to")
+    if cert is None:
+        return
+    password = _given("ssl_password", options, query)
+    try:
+        context.load_cert_chain(cert, key, password=password or _refuse_password_prompt)
+    except _TlsKeyEncrypted:
+        raise _config_error(
+            f"the key in {key or cert} is encrypted: pass its password as ssl_password"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        files = f"{cert_name} {cert}" + (f" and {key_name} {key}" if key else "")
+        raise _config_error(
+            f"{files}: not a certificate and its private key in PEM form ({_ssl_text(exc)})"
+        ) from None
+
+
+def _warn_if_unverified(
+    options: dict[str, Any], query: dict[str, list[str]], spelled: dict[str, str], shown: str
+) -> None:
+    """A warning, each time a client is made, when the server's certificate or host name
+    goes unchecked (PITFALLS 17: never silently)."""
+    reqs = _given("ssl_cert_reqs", options, query)
+    if ("ssl_cert_reqs" in options or "ssl_cert_reqs" in query) and (
+        reqs is None or reqs == ssl.CERT_NONE or str(reqs).lower() == "none"
+    ):
+        how = spelled.get("ssl_cert_reqs")
+        source = "tls_insecure" if how == "tls_insecure" else "ssl_cert_reqs=none"
+        log.warning(
+            "TLS certificate verification is OFF for %s (%s): the server is not authenticated, "
+            "anyone on the way can read and change the traffic",
+            shown,
+            source,
+        )
+        return
+    check = _given("ssl_check_hostname", options, query)
+    if check is False or (isinstance(check, str) and check.lower() in _FALSE_TEXTS):
+        log.warning(
+            "TLS host name checking is OFF for %s (ssl_check_hostname=False): any certificate "
+            "the CA signed is accepted",
+            shown,
+        )
 
 
 def _client(
@@ -221,6 +398,12 @@ def _client(
         raise _config_error(
             f"cannot reach the Redis Cluster at {shown}: {_error_text(exc, secrets)}"
         ) from None
+    pool = getattr(client, "connection_pool", None)
+    # redis-py's URL parser picks the connection class, over a keyword: swapped before use
+    if getattr(pool, "connection_class", None) is redis.SSLConnection:
+        pool.connection_class = _TlsConnection  # type: ignore[union-attr]
+    elif getattr(pool, "connection_class", None) is redis.asyncio.SSLConnection:
+        pool.connection_class = _AsyncTlsConnection  # type: ignore[union-attr]
     return client
 
 
@@ -278,6 +461,9 @@ def _sentinel_client(
     if tls:
         sentinel_kwargs.update({k: v for k, v in node.items() if k.startswith("ssl_")}, ssl=True)
     sentinel_kwargs.update(node.pop("sentinel_kwargs", None) or {})
+    if tls:
+        tls_class = _AsyncTlsSentinelConnection if asyncio else _TlsSentinelConnection
+        node.setdefault("connection_class", tls_class)
     manager_class: Any = _AsyncSentinel if asyncio else _Sentinel
     manager = manager_class(sentinels, sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(  # type: ignore[no-any-return]
@@ -338,6 +524,208 @@ class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool):
             await super().aclose()
         finally:
             await self.sentinel_manager.aclose()
+
+
+# -- TLS failures ------------------------------------------------------------------------------
+
+
+class TlsFailure(redis.exceptions.ConnectionError):
+    """A TLS connection to ``where`` could not be made: ``problem`` says which certificate
+    problem, ``hint`` what to check (in connect()'s keyword names), e.g. ``TLS to
+    127.0.0.1:6380 failed: certificate verify failed: unable to get local issuer certificate
+    (check tls_ca)``. A ``redis.ConnectionError``, so code that handles lost connections handles
+    it; waiting does not cure it, though."""
+
+    def __init__(self, where: str, problem: str, hint: str | None = None) -> None:
+        self.where, self.problem, self.hint = where, problem, hint
+        super().__init__(f"TLS to {where} failed: {problem}" + (f" ({hint})" if hint else ""))
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.where, self.problem, self.hint)
+
+
+#: X509 verify codes: the certificate names another host; it expired; it is not valid yet
+_NAME_MISMATCH = frozenset({62, 63, 64})
+_EXPIRED, _NOT_YET_VALID = 10, 9
+#: alerts of a server that refused our client certificate (not "certificate required")
+_CLIENT_CERT_REFUSED = (
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+    "ALERT_DECRYPT_ERROR",
+)
+#: a peer that does not speak TLS, seen from a TLS client
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
+#: seconds a diagnosis waits for the alert of a server that hung up after the handshake
+_PROBE_S = 2.0
+
+
+def _ssl_text(exc: BaseException) -> str:
+    """OpenSSL's words without the ``[LIB: CODE]`` prefix and the ``(_ssl.c:123)`` suffix."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).rstrip(".").strip() or type(exc).__name__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _explain(where: str, ssl_error: ssl.SSLError, *, has_cert: bool) -> TlsFailure:
+    """What an OpenSSL error of a client's handshake means, and what to check."""
+    if isinstance(ssl_error, ssl.SSLCertVerificationError):
+        code, words = ssl_error.verify_code, (ssl_error.verify_message or "").rstrip(".")
+        problem = f"certificate verify failed: {words or _ssl_text(ssl_error)}"
+        if code in _NAME_MISMATCH:
+            return TlsFailure(where, problem, "the server's certificate is for another name")
+        if code == _EXPIRED:
+            return TlsFailure(where, problem, "the server's certificate must be renewed")
+        if code == _NOT_YET_VALID:
+            return TlsFailure(where, problem, "check the clocks")
+        return TlsFailure(where, problem, "check tls_ca")
+    reason = ssl_error.reason or ""
+    words = _ssl_text(ssl_error)
+    if "CERTIFICATE_REQUIRED" in reason or (
+        not has_cert and reason.endswith("ALERT_HANDSHAKE_FAILURE")
+    ):
+        return TlsFailure(
+            where, f"the server requires a client certificate: {words}", "pass tls_cert/tls_key"
+        )
+    if any(reason.endswith(alert) for alert in _CLIENT_CERT_REFUSED):
+        return TlsFailure(
+            where, f"the server refused the client certificate: {words}", "check tls_cert"
+        )
+    if reason in _NOT_TLS:
+        return TlsFailure(
+            where, f"the server does not speak TLS there: {words}", "use redis:// or its TLS port"
+        )
+    return TlsFailure(where, words)
+
+
+def _hung_up(exc: BaseException) -> bool:
+    """``exc`` is the server closing a connection (EOF, reset, broken pipe): after a TLS
+    handshake, the way a server that refused our certificate is seen by a writer."""
+    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False
+    links = _chain(exc)
+    if any(isinstance(e, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError) for e in links):
+        return True
+    return "Connection closed by server" in str(exc)
+
+
+class _TlsDiagnosis:
+    """For redis-py's TLS connection classes: a failed connect raises TlsFailure naming the
+    certificate problem. A server that hung up right after the handshake is asked once more,
+    on a connection of its own that only reads, for the alert it sends (TLS 1.3 tells the
+    client of a refused certificate after the handshake, so redis-py's first write may meet a
+    closed socket instead of the alert)."""
+
+    host: str
+    port: int
+
+    def _diagnosis(self, exc: BaseException, alert: ssl.SSLError | None) -> TlsFailure | None:
+        if isinstance(exc, TlsFailure):
+            return None
+        where = f"{self.host}:{self.port}"
+        has_cert = bool(getattr(self, "certfile", None))
+        for link in _chain(exc):
+            if isinstance(link, ssl.SSLError) and not isinstance(link, ssl.SSLEOFError):
+                return _explain(where, link, has_cert=has_cert)
+        if alert is not None:
+            return _explain(where, alert, has_cert=has_cert)
+        return None
+
+
+def _read_alert(sock: socket.socket) -> ssl.SSLError | None:
+    try:
+        sock.settimeout(_PROBE_S)
+        sock.recv(64)
+    except ssl.SSLError as exc:
+        return exc
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return None
+
+
+class _TlsConnection(_TlsDiagnosis, redis.SSLConnection):
+    """redis-py's SSLConnection whose failures name the certificate problem."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        try:
+            super().connect_check_health(check_health, retry_socket_connect)
+        except redis.exceptions.ConnectionError as exc:
+            alert = None
+            if _hung_up(exc):
+                try:
+                    alert = _read_alert(redis.SSLConnection._connect(self))  # type: ignore[no-untyped-call]
+                except ssl.SSLError as again:
+                    alert = again
+                except OSError:
+                    pass
+            failure = self._diagnosis(exc, alert)
+            if failure is None:
+                raise
+            raise failure from exc
+
+
+class _TlsSentinelConnection(_TlsConnection, redis.sentinel.SentinelManagedSSLConnection):
+    """The same, for the primary a Sentinel names."""
+
+
+async def _read_alert_async(conn: Any) -> ssl.SSLError | None:
+    try:
+        reader, writer = await _asyncio.wait_for(
+            _asyncio.open_connection(**conn._connection_arguments()), _PROBE_S
+        )
+    except ssl.SSLError as exc:
+        return exc
+    except (OSError, TimeoutError):
+        return None
+    try:
+        await _asyncio.wait_for(reader.read(64), _PROBE_S)
+    except ssl.SSLError as exc:
+        return exc
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await _asyncio.wait_for(writer.wait_closed(), _PROBE_S)
+    return None
+
+
+class _AsyncTlsConnection(_TlsDiagnosis, redis.asyncio.SSLConnection):
+    """The asyncio twin of ``_TlsConnection``."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        try:
+            await super().connect_check_health(check_health, retry_socket_connect)
+        except redis.exceptions.ConnectionError as exc:
+            alert = await _read_alert_async(self) if _hung_up(exc) else None
+            failure = self._diagnosis(exc, alert)
+            if failure is None:
+                raise
+            raise failure from exc
+
+
+class _AsyncTlsSentinelConnection(
+    _AsyncTlsConnection, redis.asyncio.sentinel.SentinelManagedSSLConnection
+):
+    """The asyncio twin of ``_TlsSentinelConnection``."""
 
 
 # -- reader connections ------------------------------------------------------------------------
