@@ -24,6 +24,7 @@ from conveyor._consumer_base import (
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow, install_async_signals
+from conveyor._startup import acheck_server
 from conveyor.errors import ConnectionLost, HandlerTimeout
 from conveyor.models import Batch, Message, describe_error
 
@@ -429,6 +430,7 @@ class AsyncConsumer(_ConsumerBase):
             await _io.apool_roundtrip(self.client, self._give_back_commands(messages))
 
     async def _setup(self) -> None:
+        await acheck_server(self.client, self.streams[0])
         self._setup_outcome(await _io.apool_roundtrip(self.client, self._setup_commands()))
         if self._noack:  # nothing of its own is ever pending: no heartbeats to send
             return

@@ -25,6 +25,7 @@ from conveyor._consumer_base import (
 from conveyor._core import commands as cmd
 from conveyor._core.machine import NEW, ReadPlan
 from conveyor._shutdown import StopNow, graceful
+from conveyor._startup import check_server
 from conveyor.async_consumer import AsyncConsumer
 from conveyor.errors import ConnectionLost
 from conveyor.models import Batch, Message, describe_error
@@ -428,6 +429,7 @@ class Consumer(_ConsumerBase):
             _io.pool_roundtrip(self.client, self._give_back_commands(messages))
 
     def _setup(self) -> None:
+        check_server(self.client, self.streams[0])
         self._setup_outcome(_io.pool_roundtrip(self.client, self._setup_commands()))
         if self._noack:  # nothing of its own is ever pending: no heartbeats to send
             return

@@ -132,6 +132,10 @@ class EmbeddedServer:
             if self._proc.poll() is not None:
                 break
             if _ping(self.port):
+                if not self.appendonly:  # without persistence on purpose: nothing to warn of
+                    from conveyor._startup import skip
+
+                    skip(f"127.0.0.1:{self.port}")
                 return self
             time.sleep(0.02)
         tail = self._log_tail()
