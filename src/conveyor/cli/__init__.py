@@ -9,6 +9,7 @@ library never does.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -20,10 +21,19 @@ from redis.exceptions import RedisClusterException, RedisError
 
 import conveyor
 from conveyor.cli import _logging
-from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
-from conveyor.errors import ConveyorError
+from conveyor.connection import DEFAULT_URL, TlsFailure, redact_url, secrets_in_url
+from conveyor.errors import ConfigError, ConveyorError
 
-__all__ = ["CliError", "main", "open_client", "redis_options"]
+__all__ = [
+    "CliError",
+    "cli_connect",
+    "connect_error",
+    "main",
+    "open_client",
+    "redis_options",
+    "tls_failure_in",
+    "tls_options",
+]
 
 log = logging.getLogger("conveyor.cli")
 
@@ -31,6 +41,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: ctx.meta key: passwords seen in --url, scrubbed from any error message shown
 _SECRETS = "conveyor.secrets"
+#: ctx.meta key: the --tls-* options given, as connect()'s keywords
+_TLS = "conveyor.tls"
 #: exit code of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT), as shells report it
 EXIT_INTERRUPTED = 130
 
@@ -109,15 +121,25 @@ def _remember_secret(ctx: click.Context, _param: click.Parameter, value: str | N
     return value
 
 
-def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
-    """Add the options shared by every command that talks to Redis (``--url``).
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value and param.name:
+        ctx.meta.setdefault(_TLS, {})[param.name] = value
+    return value
 
+
+def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
+    """Add the options shared by every command that talks to Redis: ``--url`` and the TLS
+    options ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-insecure``.
+
+    The TLS options reach no command function: they are kept in the click context, where
+    ``open_client`` and ``cli_connect`` (every client a command makes) find them.
     ``fallback`` is what the help names as used when neither --url nor REDIS_URL is set.
 
     >>> @main.command()          # doctest: +SKIP
     ... @redis_options()
     ... def ping(url: str | None) -> None: ...
     """
+    tls = "Needs a TLS URL (rediss://, rediss+sentinel://)."
     options = [
         click.option(
             "-u",
@@ -132,6 +154,41 @@ def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
                 f"Default: the REDIS_URL environment variable, else {fallback}."
             ),
         ),
+        click.option(
+            "--tls-ca",
+            metavar="FILE",
+            envvar="CONVEYOR_TLS_CA",
+            expose_value=False,
+            callback=_remember_tls,
+            help="CA certificate(s), PEM, to verify the server's certificate with, instead of "
+            f"the system's. {tls} Default: $CONVEYOR_TLS_CA.",
+        ),
+        click.option(
+            "--tls-cert",
+            metavar="FILE",
+            envvar="CONVEYOR_TLS_CERT",
+            expose_value=False,
+            callback=_remember_tls,
+            help="Client certificate, PEM, for a server that asks for one (tls-auth-clients). "
+            "Default: $CONVEYOR_TLS_CERT.",
+        ),
+        click.option(
+            "--tls-key",
+            metavar="FILE",
+            envvar="CONVEYOR_TLS_KEY",
+            expose_value=False,
+            callback=_remember_tls,
+            help="The private key of --tls-cert, PEM (unless that file holds it). "
+            "Default: $CONVEYOR_TLS_KEY.",
+        ),
+        click.option(
+            "--tls-insecure",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_tls,
+            help="Do not verify the server's certificate and host name (a warning says so at "
+            "each start): anyone on the way can read and change the traffic. For tests only.",
+        ),
     ]
 
     def decorate(func: F) -> F:
@@ -142,23 +199,77 @@ def redis_options(*, fallback: str = DEFAULT_URL) -> Callable[[F], F]:
     return decorate
 
 
+def tls_options() -> dict[str, Any]:
+    """connect()'s TLS keywords from the running command's --tls-* options (none outside a
+    command).
+
+    >>> conveyor.connect(url, **tls_options())   # doctest: +SKIP
+    """
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(_TLS, {})) if ctx is not None else {}
+
+
+def _flag_names(text: str) -> str:
+    """connect()'s keyword names in a message as the command line's options."""
+    return re.sub(r"\btls_(ca|cert|key|insecure)\b", lambda m: "--tls-" + m.group(1), text)
+
+
+def cli_connect(url: str | None, **options: Any) -> Any:
+    """``conveyor.connect(url, **options)`` with the command's --tls-* options; what is wrong
+    with them (a missing file, a redis:// URL) is a CliError naming the options.
+
+    >>> client = cli_connect("rediss://redis.example:6380/0")   # doctest: +SKIP
+    """
+    ctx = click.get_current_context(silent=True)
+    secrets: set[str] = ctx.meta.get(_SECRETS, set()) if ctx is not None else set()
+    try:
+        return conveyor.connect(url, **tls_options(), **options)
+    except ConfigError as exc:
+        raise CliError(_flag_names(_one_line(exc, secrets))) from None
+
+
+def tls_failure_in(exc: BaseException) -> TlsFailure | None:
+    """The TlsFailure that caused ``exc`` (conveyor wraps lost connections), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TlsFailure):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def connect_error(exc: BaseException, shown: str, secrets: set[str]) -> CliError:
+    """The one line for a server at the redacted URL ``shown`` that could not be reached:
+    ``TLS to URL failed: PROBLEM (check --tls-ca)`` for a TLS failure, else ``cannot connect
+    to URL: ERROR``; ``secrets`` never show."""
+    tls = tls_failure_in(exc)
+    if tls is not None:
+        hint = f" ({_flag_names(tls.hint)})" if tls.hint else ""
+        problem = " ".join(tls.problem.split())
+        return CliError(f"TLS to {shown} failed: {problem}{hint}")
+    return CliError(f"cannot connect to {shown}: {_one_line(exc, secrets)}")
+
+
 def open_client(url: str | None) -> Any:
     """A client for ``url`` (see ``conveyor.connect``: a cluster client for a cluster node's
-    URL) that has answered PING (on a cluster, one node has: each command then reaches its own).
+    URL) that has answered PING (on a cluster, one node has: each command then reaches its own),
+    made with the command's --tls-* options.
 
-    A server that cannot be reached raises CliError naming the URL, without its password.
+    A server that cannot be reached raises CliError naming the URL, without its password, and
+    for a TLS failure the certificate problem.
 
     >>> client = open_client("redis://localhost:6379/0")   # doctest: +SKIP
     """
-    client = conveyor.connect(url)
+    client = cli_connect(url)
     try:
         client.ping()
     except (RedisError, RedisClusterException) as exc:
         log.debug("PING failed", exc_info=True)
         client.close()
         shown = redact_url(url or DEFAULT_URL)
-        secrets = secrets_in_url(url or DEFAULT_URL)
-        raise CliError(f"cannot connect to {shown}: {_one_line(exc, secrets)}") from None
+        raise connect_error(exc, shown, secrets_in_url(url or DEFAULT_URL)) from None
     return client
 
 

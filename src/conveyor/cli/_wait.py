@@ -34,7 +34,14 @@ from redis.exceptions import (
 import conveyor
 from conveyor._cluster import is_cluster
 from conveyor._core.policy import reconnect_delay_ms
-from conveyor.cli import CliError, _one_line
+from conveyor.cli import (
+    CliError,
+    _one_line,
+    cli_connect,
+    connect_error,
+    tls_failure_in,
+    tls_options,
+)
 from conveyor.cli._common import check_url
 from conveyor.connection import DEFAULT_URL, redact_url, secrets_in_url
 from conveyor.errors import ConnectionLost, ConveyorError
@@ -57,12 +64,12 @@ def is_outage(exc: BaseException) -> bool:
     """The server cannot be reached now but may be later: refused, reset, timed out, still
     loading its data; on a cluster also CLUSTERDOWN, TRYAGAIN, redirects that did not settle
     and the cluster client's own errors (a slot no node serves, no node reachable). A refused
-    password or database is not an outage.
+    password or database is not an outage, nor a failed TLS handshake (a certificate problem).
 
     >>> is_outage(RedisConnectionError("Error 111 connecting")), is_outage(AuthenticationError())
     (True, False)
     """
-    if isinstance(exc, AuthenticationError | AuthorizationError):
+    if isinstance(exc, AuthenticationError | AuthorizationError) or tls_failure_in(exc):
         return False
     if isinstance(exc, RedisConnectionError) and "Invalid Database" in str(exc):
         return False
@@ -91,6 +98,10 @@ class ServerWatch:
         """``exc`` as one line, without any secret of the URL."""
         return _one_line(exc, self.secrets)
 
+    def failed(self, exc: BaseException) -> CliError:
+        """The one line that ends a command this server refused (see ``connect_error``)."""
+        return connect_error(exc, self.where, self.secrets)
+
     def lost(self, exc: BaseException, doing: str = "waiting for it") -> None:
         if not self.down:
             self.down = True
@@ -110,7 +121,7 @@ def wait_for_server(url: str | None, *, stopping: threading.Event | None = None)
     >>> client = wait_for_server("redis://localhost:6379/0")   # doctest: +SKIP
     """
     check_url(url)
-    client = conveyor.connect(url)
+    client = cli_connect(url)
     watch = ServerWatch(url)
     sleep: Callable[[float], object] = (stopping or threading.Event()).wait
     attempt = 0
@@ -120,7 +131,7 @@ def wait_for_server(url: str | None, *, stopping: threading.Event | None = None)
         except (RedisError, RedisClusterException) as exc:
             if not is_outage(exc):
                 client.close()
-                raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
+                raise watch.failed(exc) from None
             log.debug("PING failed", exc_info=True)
             watch.lost(exc)
             attempt += 1
@@ -164,7 +175,7 @@ def as_cluster_client(client: Any, url: str | None) -> Any | None:
     if urlsplit(_effective(url)).scheme == "unix":
         return client  # a cluster is reached over TCP: stay on the one node
     try:
-        cluster = conveyor.connect(url, cluster=True)
+        cluster = conveyor.connect(url, cluster=True, **tls_options())
     except (ConveyorError, RedisError, RedisClusterException) as exc:
         log.debug("no cluster client yet: %s", _one_line(exc, secrets_in_url(_effective(url))))
         return None  # its slot map cannot be read yet

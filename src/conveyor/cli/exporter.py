@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 import click
 from redis.exceptions import RedisClusterException, RedisError
 
-import conveyor
 from conveyor._cluster import is_cluster
 from conveyor._core.policy import reconnect_delay_ms
-from conveyor.cli import CliError, _sigterm_as_interrupt, main, redis_options
+from conveyor.cli import CliError, _sigterm_as_interrupt, cli_connect, main, redis_options
 from conveyor.cli._common import check_url, status_options
 from conveyor.cli._wait import ServerWatch, as_cluster_client, is_outage
 
@@ -113,7 +112,7 @@ def exporter(
     except ImportError as exc:
         raise CliError(str(exc)) from None
     check_url(url)
-    client = conveyor.connect(url)
+    client = cli_connect(url)
     metrics = StreamMetrics(
         client,
         streams,
@@ -173,7 +172,7 @@ def _check_server(metrics: StreamMetrics, url: str | None, watch: ServerWatch) -
                     metrics.use_client(chosen)
         except (RedisError, RedisClusterException) as exc:
             if not is_outage(exc):
-                raise CliError(f"cannot connect to {watch.where}: {watch.text(exc)}") from None
+                raise watch.failed(exc) from None
             watch.lost(exc, "serving conveyor_up 0 until it answers")
             attempt += 1
             time.sleep(reconnect_delay_ms(attempt) / 1000)

@@ -14,10 +14,18 @@ from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console, Group
 from rich.text import Text
 
-import conveyor
 from conveyor._core import status
 from conveyor._core.policy import reconnect_delay_ms
-from conveyor.cli import _SECRETS, CliError, _one_line, _sigterm_as_interrupt, main, redis_options
+from conveyor.cli import (
+    _SECRETS,
+    CliError,
+    _one_line,
+    _sigterm_as_interrupt,
+    cli_connect,
+    main,
+    redis_options,
+    tls_failure_in,
+)
 from conveyor.cli._common import (
     Client,
     check_url,
@@ -259,8 +267,8 @@ def _look(watcher: Monitor, server: ServerWatch) -> tuple[Snapshot | None, Healt
     except _NO_VERDICT as exc:
         if is_outage(exc):
             server.lost(exc, "showing UNKNOWN until it answers")
-        elif isinstance(exc, RedisError):
-            raise CliError(f"cannot connect to {server.where}: {server.text(exc)}") from None
+        elif isinstance(exc, RedisError) or tls_failure_in(exc):
+            raise server.failed(exc) from None
         return None, status.unknown(server.text(exc))
     server.back()
     return snapshot, snapshot.health()
@@ -305,7 +313,7 @@ def _watch(
 
     check_url(url)
     console = Console(highlight=False)
-    client = conveyor.connect(url)
+    client = cli_connect(url)
     watcher, server = make(client), ServerWatch(url)
     pace = _Pace(interval_s, server)
     asked = False

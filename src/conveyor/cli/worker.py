@@ -30,9 +30,8 @@ from typing import Any
 import click
 import redis
 
-import conveyor
 from conveyor import AsyncConsumer, Consumer
-from conveyor.cli import CliError, main, redis_options
+from conveyor.cli import CliError, cli_connect, main, redis_options, tls_options
 from conveyor.cli._common import group_option, stream_option
 from conveyor.cli._wait import wait_for_server
 
@@ -359,7 +358,7 @@ def _run_sync(
 
 
 async def _run_async(target: str, handler: Callable[..., Any], options: dict[str, Any]) -> None:
-    client = conveyor.connect(options["url"], asyncio=True)
+    client = cli_connect(options["url"], asyncio=True)
     server = None
     try:
         consumer = AsyncConsumer(
@@ -405,7 +404,16 @@ def _worker_argv(
     if options["metrics_port"] is not None:
         argv += ["--metrics-port", str(options["metrics_port"] + index - 1)]
         argv += ["--metrics-addr", options["metrics_addr"]]
-    return [*argv, "--worker-of", str(os.getpid())]
+    return [*argv, *_tls_argv(), "--worker-of", str(os.getpid())]
+
+
+def _tls_argv() -> list[str]:
+    """The supervisor's --tls-* options, for its workers (files by absolute path)."""
+    argv: list[str] = []
+    for keyword, value in tls_options().items():
+        flag = "--" + keyword.replace("_", "-")
+        argv += [flag] if keyword == "tls_insecure" else [flag, os.path.abspath(value)]
+    return argv
 
 
 def _supervise(
