@@ -127,7 +127,12 @@ def _install_redis_server() -> str:
     try:
         for args in (["update"], ["install", "-y", "redis-server"]):
             done = subprocess.run(
-                ["apt-get", *args], capture_output=True, text=True, env=env, timeout=600
+                ["apt-get", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+                check=False,
             )
             if done.returncode != 0:
                 return f"apt-get {' '.join(args)}: {done.stderr.strip()[-500:]}"
