@@ -300,7 +300,7 @@ def test_options_map_onto_the_consumer(redis_url: str) -> None:
     assert source.name == "orders in"
     other = Stream.from_redis_consumer_group("a", "g", url=redis_url)
     assert source.consumer.name != other.consumer.name
-    for forever in (0, None, 0.0004):  # the seed's "block forever": one-second rounds
+    for forever in (0, None, 0.0004):  # streamz_redis's "block forever": one-second rounds
         source = Stream.from_redis_consumer_group({"a": ">"}, "g", url=redis_url, timeout=forever)
         assert source.consumer.config.max_wait_ms == 1000
         assert source.consumer.config.start == "0"
@@ -515,7 +515,7 @@ def test_from_redis_streams_resumes_after_what_left_the_pipeline(
     wait_for(lambda: restarted.reader.committed.get(s) == ids[24], what="the new checkpoint")
 
 
-def test_from_redis_streams_takes_the_seeds_dict_and_a_bool_start(
+def test_from_redis_streams_takes_redis_pys_dict_and_a_bool_start(
     redis_url: str, r: redis.Redis, name: Name, sources: list[Any]
 ) -> None:
     s = name("s")

@@ -71,7 +71,7 @@ _CONSUMER_OPTIONS = frozenset(inspect.signature(_ConsumerBase.__init__).paramete
     "stream",
     "group",
 }
-#: one read blocks at most this long when the caller asked to wait forever (the seed's 0)
+#: a read blocks at most this long when asked to wait forever (streamz_redis's timeout=0)
 _FOREVER_ROUND_MS = 1_000
 #: how long stop() waits, beyond one read, for the source to settle and close
 _STOP_MARGIN_S = 15.0
@@ -342,15 +342,17 @@ class from_redis_consumer_group(_RedisSource):
     source stops, or when its process dies, stay pending: a restart under the same consumer
     name gets them first, or the other consumers take them once this one's heartbeat is stale.
 
-    Heartbeats: this consumer's heartbeat (every ``heartbeat_interval`` seconds) says it is
-    alive and renews every message handed out until it is acknowledged; when a consumer's
-    heartbeat is older than ``claim_timeout`` seconds, the others take its messages. The
-    heartbeat runs in a thread, and reading runs in another, never on the event loop, so a
-    pipeline that keeps the event loop busy with CPU-heavy functions does not stop it. (The
-    seed ran its heart in a separate process; here it is a thread.) A thread needs the GIL:
-    pure-Python code releases it every few milliseconds, but a C call that holds the GIL
-    longer than ``claim_timeout`` can let the other consumers take the messages. Those
-    messages are then processed twice, never lost.
+    Heartbeats: every ``heartbeat_interval`` seconds this consumer says it is alive and
+    renews every message handed out until it is acknowledged. Other consumers of the group
+    take its messages once they have gone unrenewed for ``claim_timeout`` seconds, or, when
+    its heartbeats have stopped, for three heartbeat intervals if that is shorter (15 s with
+    the defaults). The heartbeat runs in a thread of the Consumer, and reading in a thread of
+    this source, never on the event loop: a pipeline whose functions keep the event loop busy
+    (CPU-heavy work) does not stop them. streamz_redis ran its heart in a separate process;
+    here it is a thread, and a thread needs the GIL. Pure-Python code releases it every few
+    milliseconds, but a C call that holds the GIL for longer than that (``claim_timeout``, or
+    three heartbeat intervals) lets the other consumers take the messages: they are then
+    processed twice, never lost.
 
     >>> source = Stream.from_redis_consumer_group("orders", "billing", "w1")  # doctest: +SKIP
     >>> source.map(handle).sink(print); source.start()                        # doctest: +SKIP
@@ -406,7 +408,7 @@ class from_redis_consumer_group(_RedisSource):
             "consumer": consumer if consumer is not None else default_consumer_name(),
             "batch_size": count,
             "max_wait_ms": max_wait_ms,
-            # a read returns what is there at once, as the seed's XREADGROUP did; entries a
+            # a read returns what is there at once, as streamz_redis's XREADGROUP did; entries a
             # read holds back to fill its batch would wait unrenewed
             "linger_ms": 0,
             "start": "0" if start_from_backlog else "$",
