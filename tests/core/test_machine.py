@@ -293,3 +293,20 @@ def test_noack_refuses_a_handler_time_limit_and_a_non_bool() -> None:
         machine(noack=True, handler_timeout_ms=1000)
     with pytest.raises(ConfigError, match="noack must be True or False, got 'yes'"):
         machine(noack="yes")
+
+
+def test_a_batch_in_hand_waits_at_most_a_heartbeat_period_for_the_rest() -> None:
+    # Its entries are not renewed before it is handed out: with a max_wait_ms longer than
+    # claim_idle_ms they would look idle to the other consumers' reclaim.
+    m = started(batch_size=100, max_wait_ms=60_000, claim_idle_ms=3_000, heartbeat_ms=1_000)
+    plan = m.next_read(0)
+    assert plan is not None and plan.block_ms == 60_000  # nothing in hand: the whole wait
+    m.feed(plan, [entries("s", 1, 1)], 200)
+    plan = m.next_read(200)
+    assert plan is not None and plan.block_ms == 1_000
+    m.feed(plan, [entries("s", 2, 1)], 700)
+    plan = m.next_read(700)
+    assert plan is not None and plan.block_ms == 500  # counted from the first entry in hand
+    m.feed(plan, [], 1_200)
+    assert m.next_read(1_200) is None
+    assert [msg.id for msg in m.end_batch()] == ["1-0", "2-0"]

@@ -158,11 +158,17 @@ class ConsumerMachine:
             self._phase_done.add(RECLAIM)
             return self._reclaim_plan(remaining)
         wait_ms = self._deadline_ms - now_ms
-        linger = self.config.linger_ms
-        if linger is not None and self._buffer:
+        if self._buffer:
+            # Entries in hand are not renewed until the batch is handed out: it waits at most
+            # a heartbeat period more for the rest (linger_ms: less), or a long max_wait_ms
+            # would let them look idle to the others' reclaim.
             if self._first_ms is None:
                 self._first_ms = now_ms
-            wait_ms = min(wait_ms, self._first_ms + linger - now_ms)
+            linger = self.config.linger_ms
+            hold = self.config.heartbeat_interval_ms
+            if linger is not None:
+                hold = min(hold, linger)
+            wait_ms = min(wait_ms, self._first_ms + hold - now_ms)
         if wait_ms <= 0 and self._new_reads > 0:  # new entries are read at least once
             return None
         if split and len(self.config.streams) == 1 and remaining >= 2 * SPLIT_MIN:
