@@ -526,7 +526,8 @@ def test_run_workers_connect_with_tls(
             return int(rows[0]["consumers"]) if rows else 0
 
         # Each worker process joins the group with its first read: both got through TLS.
-        wait_for(lambda: consumers() == 2, "both workers read from the group")
+        wait_for(lambda: consumers() == 2 or proc.poll() is not None, "both workers read")
+        assert proc.poll() is None, proc.communicate(timeout=TIMEOUT_S)[1]
         wait_for(
             lambda: seen.exists() and len(seen.read_text().split()) >= 20,
             "the workers handled every message",
