@@ -22,6 +22,7 @@ from streamz import Stream
 import conveyor
 from conveyor import ConfigError, Consumer, FieldTypeError
 from conveyor._keys import dead_letter_key
+from tests.conftest import command_calls
 from tests.faultproxy import FaultProxy
 from tests.workers import fill, wait_for
 
@@ -103,7 +104,8 @@ def test_a_buffering_node_gets_its_messages_acked_only_once_its_batch_has_left(
     wait_for(lambda: source.consumer.acked_count == 20, what="the two batches acked")
     # the five in partition's buffer have not left: still pending, and renewed meanwhile
     assert pending_ids(r, s) == ids[20:]
-    time.sleep(0.3)  # a few more rounds of reads: they stay pending
+    reads = command_calls(r, "xreadgroup", s)
+    wait_for(lambda: command_calls(r, "xreadgroup", s) >= reads + 3, what="three more reads")
     assert pending_ids(r, s) == ids[20:]
     ids += fill(r, s, 5, kind="more")
     wait_for(lambda: len(batches) == 3, what="the third batch")
