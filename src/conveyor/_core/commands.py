@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from conveyor import models
-from conveyor.errors import FieldTypeError
+from conveyor.errors import FieldTypeError, ServerError
 from conveyor.models import PROVENANCE_FIELDS, DeadLetter, Fields, Message
 
 __all__ = [
@@ -321,6 +321,8 @@ def convert_fields(flat: Any, encoding: str | None) -> Fields:
         flat = [x for kv in flat.items() for x in kv]
     if not flat:
         return {}
+    if len(flat) % 2:
+        raise _unpaired(len(flat))
     first = flat[0]
     it = iter(flat)
     if encoding is None:
@@ -335,6 +337,17 @@ def convert_fields(flat: Any, encoding: str | None) -> Fields:
             for k, v in zip(it, it, strict=True)
         }
     return dict(zip(it, it, strict=True))
+
+
+def _unpaired(count: int, stream: str | None = None, entry_id: str | None = None) -> ServerError:
+    """The error for an entry whose field list holds a name without its value: no server
+    sends one, so something on the way garbled the reply; guessing would hand a user a message
+    that is not the one stored."""
+    where = f" (entry {entry_id} of stream {stream!r})" if entry_id is not None else ""
+    return ServerError(
+        f"a reply holds an entry with an odd number of field names and values ({count}){where}: "
+        "a name without its value; a proxy or client on the way garbled the reply"
+    )
 
 
 class ReadResult:
@@ -386,6 +399,8 @@ def parse_read(
             append = out.append
             for msg_id, flat in entries:
                 if flat:
+                    if len(flat) & 1:
+                        raise _unpaired(len(flat), stream, msg_id)
                     it = iter(flat)
                     append(Message(stream, msg_id, dict(zip(it, it)), fixed))  # noqa: B905
                 else:
@@ -402,8 +417,10 @@ def parse_read(
                 result.deleted.append((stream, msg_id))
                 continue
             if type(flat) is list and (encoding is None) is (type(flat[0]) is bytes):
+                if len(flat) & 1:
+                    raise _unpaired(len(flat), stream, msg_id)
                 it = iter(flat)
-                fields = dict(zip(it, it, strict=False))
+                fields = dict(zip(it, it, strict=True))
             else:
                 fields = convert_fields(flat, encoding)
             count = counts_by_id.get(msg_id, 1) if counts_by_id is not None else fixed
@@ -501,6 +518,8 @@ def parse_dead_letter(raw_id: Any, flat: Any, encoding: str | None) -> tuple[Dea
             blob = value if isinstance(value, bytes) else str(value).encode("utf-8", _ESC)
             try:
                 items = unpack_fields(blob)
+                if len(items) % 2:
+                    raise ValueError("a field name without its value")
                 if type(key) is str:  # keep the reply's kind: str throughout, or bytes
                     own.extend(x.decode("utf-8", _ESC) for x in items)
                 else:
@@ -576,7 +595,8 @@ def parse_time_ms(reply: Any) -> int:
 def id_time_ms(entry_id: str) -> int:
     """The time part of a stream id: ``id_time_ms("1700000000000-3") == 1700000000000``."""
     ms, _, _ = entry_id.partition("-")
-    return int(ms) if ms.isdigit() else 0
+    # str.isdigit() accepts "²" and other digits int() refuses
+    return int(ms) if ms.isascii() and ms.isdigit() else 0
 
 
 def _entry_id(entry: Any) -> str | None:
