@@ -172,15 +172,45 @@ class ProducerConfig:
         check_int("chunk", self.chunk, 1, 100_000)
 
 
+#: the largest number a part of a stream id holds (Redis reads them as unsigned 64-bit)
+_MAX_ID_PART = 2**64 - 1
+
+
 def is_stream_id(text: str) -> bool:
-    ms, _, seq = text.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit())
+    """Whether Redis takes ``text`` as a stream id: ``ms`` or ``ms-seq``, ASCII digits, each
+    part at most 2**64 - 1.
+
+    >>> is_stream_id("1700000000000-5"), is_stream_id("7"), is_stream_id("5-"), is_stream_id("²")
+    (True, True, False, False)
+    """
+    ms, dash, seq = text.partition("-")
+    parts = (ms, seq) if dash else (ms,)
+    # str.isdigit() accepts "²" and other digits Redis refuses
+    return all(p.isascii() and p.isdigit() and int(p) <= _MAX_ID_PART for p in parts)
+
+
+#: bytes an encoding must decode and give back as they were: every byte value, a byte order
+#: mark not at the start ("utf-8-sig" adds one there), an escape ("raw_unicode_escape" reads
+#: it) and an odd length (UTF-16 cannot decode one)
+_ENCODING_PROBE = bytes(range(256)) + b"\xef\xbb\xbf\\u0041x"
 
 
 def check_encoding(encoding: str) -> None:
+    """Refuse an encoding that cannot carry any field value: values are bytes, and with
+    ``surrogateescape`` the undecodable ones must come back as the bytes they were."""
     import codecs
 
     try:
-        codecs.lookup(encoding)
+        info = codecs.lookup(encoding)
     except (LookupError, TypeError):
         raise ConfigError(f"encoding {encoding!r} is not a known text encoding") from None
+    try:
+        text = _ENCODING_PROBE.decode(info.name, "surrogateescape")
+        same = text.encode(info.name, "surrogateescape") == _ENCODING_PROBE
+    except (LookupError, UnicodeError):
+        same = False
+    if not same:
+        raise ConfigError(
+            f"encoding {encoding!r} cannot carry arbitrary bytes as text and back (a text "
+            "encoding such as 'utf-8' or 'latin-1' can; encoding=None gives bytes)"
+        )
