@@ -424,7 +424,7 @@ REDIS_ID = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 def _redis_accepts(text: str) -> bool:
     match = REDIS_ID.fullmatch(text)
-    return bool(match) and all(int(p) <= MAX_ID_PART for p in match.groups("0"))
+    return match is not None and all(int(p) <= MAX_ID_PART for p in match.groups("0"))
 
 
 @FUZZ
@@ -586,7 +586,10 @@ def _connect(url: str, is_async: bool) -> Any:
     """``conveyor.connect`` without a word to a server: a client, closed at once, or the
     ConveyorError it raised."""
     try:
-        client = conveyor.connect(url, cluster=False, asyncio=is_async)
+        if is_async:
+            client = conveyor.connect(url, cluster=False, asyncio=True)
+        else:
+            client = conveyor.connect(url, cluster=False)
     except ConveyorError as exc:
         return exc
     if is_async:
