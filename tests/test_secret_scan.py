@@ -32,9 +32,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, quote_plus, unquote
 
+import click
 import pytest
 import redis
 from click.testing import CliRunner
@@ -337,6 +338,26 @@ def problems_of(run: Run, *, failed: bool) -> list[str]:
         if "Traceback" in text or len(errors) != 1 or lines[-1] != errors[0]:
             found.append(f"{run.label}: not one error line:\n{run.stderr}")
     return found
+
+
+#: run as processes (below), not by the scenario
+LONG_RUNNING = {"run", "exporter"}
+
+
+def test_the_scan_runs_every_command_that_takes_a_url() -> None:
+    def name(argv: tuple[str, ...]) -> str:
+        return " ".join(argv[:2]) if isinstance(main.commands[argv[0]], click.Group) else argv[0]
+
+    takes_url = set()
+    for group_name, command in main.commands.items():
+        subcommands = command.commands if isinstance(command, click.Group) else {"": command}
+        for sub_name, sub in subcommands.items():
+            if any(param.name == "url" for param in sub.params):
+                takes_url.add(f"{group_name} {sub_name}".strip())
+    steps = scenario("s", cast(Setup, None))  # its setup steps are not run here
+    scanned = {name(step.argv) for step in steps if isinstance(step, Command)} | LONG_RUNNING
+    assert takes_url <= scanned, f"not scanned: {sorted(takes_url - scanned)}"
+    assert len(takes_url) >= 15
 
 
 @pytest.mark.parametrize("shape", GOOD_SHAPES)
