@@ -2,7 +2,8 @@
 it ends (DESIGN promise 7), on a real server whose default user has a password.
 
 Every command of the CLI runs with the URL in each shape (``redis://:PW@host:port``,
-``redis://default:PW@host:port/0``, ``redis://host:port?password=PW``, ``$REDIS_URL``), at
+``redis://default:PW@host:port/0``, ``redis://host:port?password=PW``, ``$REDIS_URL``, and an
+ACL user's ``redis://scanner:PW@host:port/0``), at
 ``-v``, ``-vv`` and with ``--log-format json``; then against an unreachable port with the same
 password, with a wrong password (WRONGPASS) and with none (NOAUTH), where each must fail in one
 ``error:`` line and no traceback. Short commands run through the CLI's entry point in this
@@ -127,6 +128,8 @@ class PasswordServer:
 
         try:
             wait_until(answers, f"the server on port {self.port}", 10)
+            # a user of its own, with the same password
+            client.execute_command("ACL", "SETUSER", "scanner", "on", ">" + PASSWORD, "~*", "+@all")
         finally:
             client.close()
         conveyor._startup.skip(f"127.0.0.1:{self.port}")  # no persistence, on purpose
@@ -185,6 +188,7 @@ def good_targets(port: int) -> dict[str, Target]:
             f"redis://127.0.0.1:{port}?password={ENCODED}", logging=("-v", "--log-format", "json")
         ),
         "env": Target(f"redis://:{ENCODED}@127.0.0.1:{port}/0", env=True),
+        "acl-user": Target(f"redis://scanner:{ENCODED}@127.0.0.1:{port}/0"),
     }
 
 
@@ -523,8 +527,8 @@ def test_long_running_commands_hide_the_password(secured: PasswordServer, tmp_pa
     good, bad = good_targets(secured.port), bad_targets(secured.port)
     run = ("run", "scan_handler:handle", "-g", "workers", "--app-dir", str(tmp_path))
     try:
-        for shape, target in good.items():
-            stream = f"scan:long:{shape}"
+        for shape in ("userinfo", "default-user-db", "query", "env"):
+            target, stream = good[shape], f"scan:long:{shape}"
             for i in range(3):
                 client.xadd(stream, {"n": str(i), "fail": "1" if i == 2 else "0"})
             marker = tmp_path / f"{shape}.acked"
