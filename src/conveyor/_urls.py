@@ -21,30 +21,96 @@ __all__ = ["DEFAULT_SENTINEL_PORT", "redact_url", "secrets_in_url"]
 
 DEFAULT_SENTINEL_PORT = 26379
 
-#: a ``...password=value`` query option; the value runs to the next ``&name=`` (so an unencoded
-#: ``&``, ``#`` or ``@`` inside it stays hidden) or to the end
-_QUERY_SECRET = re.compile(r"(?i)((?:^|[?&;])[\w.-]*password=)(.*?)(?=&[\w.-]+=|$)", re.DOTALL)
+#: a ``name=value`` query option (a name may be percent-encoded: redis-py decodes it); the value
+#: runs to the next ``&name=`` (so an unencoded ``&``, ``#`` or ``@`` inside it stays hidden) or
+#: to the end
+_NAME = r"(?:[\w.~+-]|%[0-9A-Fa-f]{2})+"
+_QUERY_OPTION = re.compile(rf"((?:^|[?&;])({_NAME})=)(.*?)(?=&{_NAME}=|$)", re.DOTALL)
+
+
+def _is_secret(name: str) -> bool:
+    """``password``, ``sentinel_password`` ..., as redis-py reads the name (percent-decoded)."""
+    return unquote_plus(name).lower().endswith("password")
+
+
+def _hide_options(text: str, hide: Callable[[str], str]) -> str:
+    """``text`` with the value of each ``...password=`` option replaced by ``hide(value)``."""
+    return _QUERY_OPTION.sub(
+        lambda m: m.group(1) + hide(m.group(3)) if _is_secret(m.group(2)) else m.group(0), text
+    )
 
 
 # -- secrets -----------------------------------------------------------------------------------
 
 
 def _userinfo(url: str) -> tuple[int, int, bool] | None:
-    """Where the user-info of ``url`` starts and ends (the ``@``), and whether a plain URL parser
-    would have found it there: ``None`` when there is none.
+    """Where the user-info of ``url`` starts and ends (its last ``@`` outside the secret query
+    options), and whether a plain URL parser would have found it there: ``None`` when there is
+    none. See ``_userinfo_ends``."""
+    start, ends = _userinfo_ends(url, raw=False)
+    at, plain = ends[0]
+    return None if at is None else (start, at, plain)
+
+
+def _userinfo_ends(url: str, *, raw: bool = True) -> tuple[int, list[tuple[int | None, bool]]]:
+    """Where the user-info of ``url`` starts, and each place it may end (the ``@``) with whether
+    a plain URL parser would have found it there (``None``: no user-info).
 
     The user-info ends at the last ``@`` outside the secret query options: a password may hold
     unencoded ``/ ? # @``, which end the host part for ``urlsplit`` (it then finds no password
-    at all, and the password shows up as path, query or fragment).
+    at all, and the password shows up as path, query or fragment). A password may also hold
+    ``&password=``: then every ``@`` looks like part of an option's value and no user-info is
+    found. Such a URL reads as well as one whose option value holds the ``@``, so then the
+    reading with the user-info ending at the last ``@`` is given too, and both are hidden
+    (``raw=False``: the first reading only).
     """
     start = url.find("://")
     start = 0 if start < 0 else start + 3
-    masked = _QUERY_SECRET.sub(lambda m: m.group(1) + "*" * len(m.group(2)), url)
-    at = masked.rfind("@")
-    if at < start:
-        return None
-    host_end = next((i for i in range(start, len(masked)) if masked[i] in "/?#"), len(masked))
-    return start, at, at < host_end
+    masked = _hide_options(url, lambda value: "*" * len(value))
+    ends: list[tuple[int | None, bool]] = []
+    for text in (masked, url) if raw and "@" not in masked[start:] else (masked,):
+        at = text.rfind("@")
+        if at < start:
+            reading: tuple[int | None, bool] = (None, True)
+        else:
+            host_end = next((i for i in range(start, len(text)) if text[i] in "/?#"), len(text))
+            reading = (at, at < host_end)
+        if reading not in ends:
+            ends.append(reading)
+    return start, ends
+
+
+def _secret_spans(url: str) -> list[tuple[int, int]]:
+    """The spans of ``url`` that hold a secret, in every reading of it."""
+    start, ends = _userinfo_ends(url)
+    spans = []
+    for end, plain in ends:
+        at = 0 if end is None else end
+        if end is not None:
+            user, colon, _password = url[start:at].partition(":")
+            # Without a colon it is a user name, unless the URL is so broken that it may be
+            # anything.
+            if colon:
+                spans.append((start + len(user) + 1, at))
+            elif not plain:
+                spans.append((start, at))
+        spans += [
+            (at + m.start(3), at + m.end(3))
+            for m in _QUERY_OPTION.finditer(url[at:])
+            if _is_secret(m.group(2))
+        ]
+    return spans
+
+
+def _hidden(url: str) -> list[tuple[int, int]]:
+    """The spans of ``url`` that hold a secret, merged, in order."""
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(_secret_spans(url)):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 def redact_url(url: str) -> str:
@@ -56,14 +122,12 @@ def redact_url(url: str) -> str:
     >>> redact_url("redis+sentinel://:p/w#d@s1:26379,s2:26379/mymaster?sentinel_password=x")
     'redis+sentinel://:***@s1:26379,s2:26379/mymaster?sentinel_password=***'
     """
-    span = _userinfo(url)
-    if span is None:
-        return _QUERY_SECRET.sub(r"\1***", url)
-    start, at, plain = span
-    user, colon, _password = url[start:at].partition(":")
-    # Without a colon it is a user name, unless the URL is so broken that it may be anything.
-    shown = f"{user}:***" if colon else (user if plain else "***")
-    return url[:start] + shown + _QUERY_SECRET.sub(r"\1***", url[at:])
+    out, shown_to = [], 0
+    for a, b in _hidden(url):
+        out += [url[shown_to:a], "***"]
+        shown_to = b
+    out.append(url[shown_to:])
+    return "".join(out)
 
 
 def secrets_in_url(url: str) -> set[str]:
@@ -73,18 +137,7 @@ def secrets_in_url(url: str) -> set[str]:
     >>> sorted(secrets_in_url("redis://u:p%40ss@h/0"))
     ['p%40ss', 'p@ss']
     """
-    found: list[str] = []
-    span = _userinfo(url)
-    rest = url
-    if span is not None:
-        start, at, plain = span
-        _user, colon, password = url[start:at].partition(":")
-        if colon:
-            found.append(password)
-        elif not plain:
-            found.append(url[start:at])
-        rest = url[at:]
-    found += [m.group(2) for m in _QUERY_SECRET.finditer(rest)]
+    found = [url[a:b] for a, b in _secret_spans(url)]
     decoded = [f(s) for s in found for f in (unquote, unquote_plus)]
     return {s for s in (*found, *decoded) if s}
 

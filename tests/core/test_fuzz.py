@@ -516,23 +516,11 @@ PASSWORD_TEXT = st.lists(st.text(_WIDE, min_size=1, max_size=3) | _PIECES, max_s
 #: (parse_qs decodes names too); other spellings are unknown options, refused by connect()
 PASSWORD_OPTIONS = ["password", "sentinel_password", "PASSWORD", "pass%77ord", "%70assword"]
 
-#: known bugs of redact_url (conveyor/_urls.py), pinned below and kept out of the property
-PASSWORD_OPTION_IN_PASSWORD = (
-    "redact_url hides only what follows '?password=' / '&password=' / ';password=' inside an "
-    "unencoded user-info password, and shows the part of the password before it"
-)
-ENCODED_OPTION_NAME = (
-    "redact_url and secrets_in_url miss a password option whose name is percent-encoded "
-    "(?pass%77ord=...), which redis-py decodes and uses as the password"
-)
-
 
 @dataclass(frozen=True)
 class Url:
     url: str
     passwords: tuple[str, ...]
-    #: which known bug the URL runs into, if any
-    known_bug: str | None = None
 
     def forms(self) -> set[str]:
         """Every password as written and percent-decoded (``+`` as a space too)."""
@@ -546,7 +534,6 @@ class Url:
 @st.composite
 def urls(draw: st.DrawFn) -> Url:
     passwords = []
-    bugs = []
 
     def password(in_query: bool) -> str:
         text = draw(PASSWORD_TEXT) + MARK + draw(PASSWORD_TEXT)
@@ -555,8 +542,6 @@ def urls(draw: st.DrawFn) -> Url:
         elif in_query:
             # an unencoded "&" ends an option's value: what follows is another option
             text = text.replace("&", "")
-        elif re.search(r"(?i)[?&;][\w.-]*password=", text):
-            bugs.append(PASSWORD_OPTION_IN_PASSWORD)
         passwords.append(text)
         return text
 
@@ -573,13 +558,11 @@ def urls(draw: st.DrawFn) -> Url:
     query = [draw(st.sampled_from(["db=1", "socket_timeout=2", "x=1", "", "=", "&"]))]
     for name in draw(st.lists(st.sampled_from(PASSWORD_OPTIONS), max_size=2)):
         query.append(f"{name}={password(True)}")
-        if "%" in name:
-            bugs.append(ENCODED_OPTION_NAME)
     query = draw(st.permutations(query))
     url = f"{scheme}://{userinfo}{hosts}{draw(PATHS)}"
     if any(query):
         url += "?" + "&".join(query)
-    return Url(url, tuple(passwords), bugs[0] if bugs else None)
+    return Url(url, tuple(passwords))
 
 
 def _connect(url: str, is_async: bool) -> Any:
@@ -627,11 +610,9 @@ def assert_hidden(case: Url, is_async: bool = False) -> None:
 @FUZZ_REPLIES
 @given(urls(), st.booleans())
 def test_no_url_shows_its_password(case: Url, is_async: bool) -> None:
-    assume(case.known_bug is None)  # pinned below, as expected failures, until fixed
     assert_hidden(case, is_async)
 
 
-@pytest.mark.xfail(strict=True, reason=PASSWORD_OPTION_IN_PASSWORD)
 @pytest.mark.parametrize(
     "url",
     [
@@ -645,7 +626,6 @@ def test_a_password_holding_an_option_is_hidden(url: str) -> None:
     assert_hidden(Url(url, (password,)))
 
 
-@pytest.mark.xfail(strict=True, reason=ENCODED_OPTION_NAME)
 @pytest.mark.parametrize(
     "url",
     [
