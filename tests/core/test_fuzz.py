@@ -516,11 +516,20 @@ PASSWORD_TEXT = st.lists(st.text(_WIDE, min_size=1, max_size=3) | _PIECES, max_s
 #: (parse_qs decodes names too); other spellings are unknown options, refused by connect()
 PASSWORD_OPTIONS = ["password", "sentinel_password", "PASSWORD", "pass%77ord", "%70assword"]
 
+#: a known bug of redact_url (conveyor/_urls.py), pinned below and kept out of the property
+OPTION_AFTER_AN_AT = (
+    "redact_url shows the part of a user-info password between an unencoded '@' (in the user "
+    "name or the password) and a '&password=' / '?password=' / ';password=' the password holds"
+)
+_OPTION_AFTER_AN_AT = re.compile(r"(?i)@.*[?&;][\w.~+%-]*password=", re.DOTALL)
+
 
 @dataclass(frozen=True)
 class Url:
     url: str
     passwords: tuple[str, ...]
+    #: the known bug the URL runs into, if any
+    known_bug: str | None = None
 
     def forms(self) -> set[str]:
         """Every password as written and percent-decoded (``+`` as a space too)."""
@@ -549,8 +558,11 @@ def urls(draw: st.DrawFn) -> Url:
     user = draw(st.sampled_from(["", "app", "default", "u@x", "a:b"]) | st.text(_WIDE, max_size=5))
     how = draw(st.sampled_from(["none", "user", "password", "password", "@@"]))
     userinfo = {"none": "", "user": f"{user}@", "@@": "@@"}.get(how)
+    known_bug = None
     if userinfo is None:
         userinfo = f"{user}:{password(False)}@"
+        if _OPTION_AFTER_AN_AT.search(userinfo[:-1]):
+            known_bug = OPTION_AFTER_AN_AT
     hosts = ",".join(
         draw(HOSTS) + draw(PORTS)
         for _ in range(draw(st.integers(1, 3 if "sentinel" in scheme else 1)))
@@ -562,7 +574,7 @@ def urls(draw: st.DrawFn) -> Url:
     url = f"{scheme}://{userinfo}{hosts}{draw(PATHS)}"
     if any(query):
         url += "?" + "&".join(query)
-    return Url(url, tuple(passwords))
+    return Url(url, tuple(passwords), known_bug)
 
 
 def _connect(url: str, is_async: bool) -> Any:
@@ -610,27 +622,46 @@ def assert_hidden(case: Url, is_async: bool = False) -> None:
 @FUZZ_REPLIES
 @given(urls(), st.booleans())
 def test_no_url_shows_its_password(case: Url, is_async: bool) -> None:
+    assume(case.known_bug is None)  # pinned below, as an expected failure, until fixed
     assert_hidden(case, is_async)
 
 
+def _userinfo_password(url: str) -> str:
+    """The password redis-py takes from ``url``: after the first ":" before the last "@"."""
+    return url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+
+
 @pytest.mark.parametrize(
     "url",
     [
-        "redis://:aQ&password=b@127.0.0.1:1/0",  # shown as redis://:aQ&password=***
+        "redis://:aQ&password=b@127.0.0.1:1/0",
         "redis://:aQ;password=b@127.0.0.1:1/0",
-        "redis://u:Qx?password=y@127.0.0.1:1/0",  # ConfigError "redis://u:Qx?password=*** has a
-    ],  # bad port"
+        "redis://u:Qx?password=y@127.0.0.1:1/0",  # a ConfigError (bad port) quotes the URL
+    ],
 )
 def test_a_password_holding_an_option_is_hidden(url: str) -> None:
-    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
-    assert_hidden(Url(url, (password,)))
+    assert_hidden(Url(url, (_userinfo_password(url),)))
+
+
+@pytest.mark.xfail(strict=True, reason=OPTION_AFTER_AN_AT)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://u@x:aQ&password=b@127.0.0.1:1/0",  # shown as redis://u@x:aQ&password=***
+        "redis://u:a@Q&password=b@127.0.0.1:1/0",  # shown as redis://u:***@Q&password=***
+        "redis://u@x:aQ?password=b@127.0.0.1:1/0",  # ConfigError "... aQ?password=*** has a bad
+    ],  # port"
+)
+def test_a_password_holding_an_option_after_an_at_is_hidden(url: str) -> None:
+    assert _OPTION_AFTER_AN_AT.search(url.partition("://")[2].rpartition("@")[0])
+    assert_hidden(Url(url, (_userinfo_password(url),)))
 
 
 @pytest.mark.parametrize(
     "url",
     [
-        "redis://127.0.0.1:1/0?pass%77ord=Qsecret1",  # shown whole; redis-py sends AUTH Qsecret1
-        "redis://127.0.0.1:99999/0?%70assword=Qsecret1",  # ConfigError "bad port" quotes it
+        "redis://127.0.0.1:1/0?pass%77ord=Qsecret1",  # redis-py sends AUTH Qsecret1
+        "redis://127.0.0.1:99999/0?%70assword=Qsecret1",  # a ConfigError (bad port) quotes it
     ],
 )
 def test_a_password_option_with_an_encoded_name_is_hidden(url: str) -> None:
