@@ -3,6 +3,7 @@
 >>> from conveyor import Producer, Consumer, connect   # doctest: +SKIP
 """
 
+from conveyor.acl import acl_rules
 from conveyor.connection import connect
 from conveyor.consumer import AsyncConsumer, Consumer
 from conveyor.deadletter import AsyncDeadLetters, DeadLetter, DeadLetters
@@ -76,6 +77,7 @@ __all__ = [
     "StreamReader",
     "TrimReport",
     "__version__",
+    "acl_rules",
     "async_safe_trim",
     "connect",
     "safe_trim",
