@@ -69,6 +69,10 @@ def server_error(reply: BaseException, what: str, client: Any = None) -> Conveyo
         MOVED, ASK (a plain client on a cluster node)              ConfigError
         NOGROUP                                                    GroupMissingError
         anything else (OOM, NOPERM, WRONGTYPE ...)                 ServerError
+
+    An ACL refusal inside a script (an ERR) is quoted as NOPERM too. The server's words are
+    kept: Valkey names the refused command; Redis 7.0 inside a script names neither command
+    nor key, and no server names a refused key, so the line says where to look (ACL LOG).
     """
     code = error_code(reply)
     text = error_text(reply)
@@ -84,6 +88,13 @@ def server_error(reply: BaseException, what: str, client: Any = None) -> Conveyo
         )
     if code == "NOGROUP":
         return GroupMissingError(f"{what}: {text}")
+    if code == "NOPERM" or "ACL failure" in text or "executing the script can't" in text:
+        said = text if code == "NOPERM" else "NOPERM " + text.removeprefix("ERR ")
+        if "access" in text and "key" in text:
+            said += " (a key outside the user's key patterns; the server's ACL LOG names it)"
+        elif "run the " not in text:
+            said += " (the server does not say which command; its ACL LOG does)"
+        return ServerError(f"{what}: {said}")
     return ServerError(f"{what}: {text}")
 
 
