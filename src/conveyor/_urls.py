@@ -25,19 +25,25 @@ DEFAULT_SENTINEL_PORT = 26379
 #: runs to the next ``&name=`` (so an unencoded ``&``, ``#`` or ``@`` inside it stays hidden) or
 #: to the end
 _NAME = r"(?:[\w.~+-]|%[0-9A-Fa-f]{2})+"
-_QUERY_OPTION = re.compile(rf"((?:^|[?&;])({_NAME})=)(.*?)(?=&{_NAME}=|$)", re.DOTALL)
 
 
-def _is_secret(name: str) -> bool:
-    """``password``, ``sentinel_password`` ..., as redis-py reads the name (percent-decoded)."""
-    return unquote_plus(name).lower().endswith("password")
+def _spelled(word: str) -> str:
+    """A pattern for ``word`` with any of its letters percent-encoded (redis-py decodes option
+    names)."""
+    return "".join(f"(?:{c}|%{ord(c.lower()):02x}|%{ord(c.upper()):02x})" for c in word)
+
+
+#: a ``...password=value`` option (``password``, ``sentinel_password`` ...); the value runs to
+#: the next ``&name=`` (so an unencoded ``&``, ``#`` or ``@`` inside it stays hidden) or to the end
+_QUERY_SECRET = re.compile(
+    rf"(?i)((?:^|[?&;])(?:[\w.~+-]|%[0-9a-f]{{2}})*?{_spelled('password')}=)(.*?)(?=&{_NAME}=|$)",
+    re.DOTALL,
+)
 
 
 def _hide_options(text: str, hide: Callable[[str], str]) -> str:
     """``text`` with the value of each ``...password=`` option replaced by ``hide(value)``."""
-    return _QUERY_OPTION.sub(
-        lambda m: m.group(1) + hide(m.group(3)) if _is_secret(m.group(2)) else m.group(0), text
-    )
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + hide(m.group(2)), text)
 
 
 # -- secrets -----------------------------------------------------------------------------------
@@ -59,25 +65,32 @@ def _userinfo_ends(url: str, *, raw: bool = True) -> tuple[int, list[tuple[int |
     The user-info ends at the last ``@`` outside the secret query options: a password may hold
     unencoded ``/ ? # @``, which end the host part for ``urlsplit`` (it then finds no password
     at all, and the password shows up as path, query or fragment). A password may also hold
-    ``&password=``: then every ``@`` looks like part of an option's value and no user-info is
-    found. Such a URL reads as well as one whose option value holds the ``@``, so then the
+    ``&password=``: then its ``@`` looks like part of an option's value. Such a URL reads as well
+    as one whose option value holds the ``@``, so when an option's value holds an ``@`` the
     reading with the user-info ending at the last ``@`` is given too, and both are hidden
-    (``raw=False``: the first reading only).
+    (``raw=False``: the first reading only). Hiding more than the secret is the price of a
+    URL that can be read both ways.
     """
     start = url.find("://")
     start = 0 if start < 0 else start + 3
     masked = _hide_options(url, lambda value: "*" * len(value))
-    ends: list[tuple[int | None, bool]] = []
-    for text in (masked, url) if raw and "@" not in masked[start:] else (masked,):
-        at = text.rfind("@")
-        if at < start:
-            reading: tuple[int | None, bool] = (None, True)
-        else:
-            host_end = next((i for i in range(start, len(text)) if text[i] in "/?#"), len(text))
-            reading = (at, at < host_end)
-        if reading not in ends:
-            ends.append(reading)
+    first = _reading(masked, start)
+    ends = [first]
+    if raw:
+        second = _reading(url, start)
+        if second != first:
+            ends.append(second)
     return start, ends
+
+
+def _reading(text: str, start: int) -> tuple[int | None, bool]:
+    """Where the user-info of ``text`` ends (its last ``@``) and whether that is in the host part;
+    ``(None, True)`` without one."""
+    at = text.rfind("@")
+    if at < start:
+        return None, True
+    host_end = next((i for i in range(start, len(text)) if text[i] in "/?#"), len(text))
+    return at, at < host_end
 
 
 def _secret_spans(url: str) -> list[tuple[int, int]]:
@@ -94,11 +107,7 @@ def _secret_spans(url: str) -> list[tuple[int, int]]:
                 spans.append((start + len(user) + 1, at))
             elif not plain:
                 spans.append((start, at))
-        spans += [
-            (at + m.start(3), at + m.end(3))
-            for m in _QUERY_OPTION.finditer(url[at:])
-            if _is_secret(m.group(2))
-        ]
+        spans += [(at + m.start(2), at + m.end(2)) for m in _QUERY_SECRET.finditer(url[at:])]
     return spans
 
 

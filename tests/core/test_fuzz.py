@@ -516,11 +516,7 @@ PASSWORD_TEXT = st.lists(st.text(_WIDE, min_size=1, max_size=3) | _PIECES, max_s
 #: (parse_qs decodes names too); other spellings are unknown options, refused by connect()
 PASSWORD_OPTIONS = ["password", "sentinel_password", "PASSWORD", "pass%77ord", "%70assword"]
 
-#: a known bug of redact_url (conveyor/_urls.py), pinned below and kept out of the property
-OPTION_AFTER_AN_AT = (
-    "redact_url shows the part of a user-info password between an unencoded '@' (in the user "
-    "name or the password) and a '&password=' / '?password=' / ';password=' the password holds"
-)
+#: a user-info password holding an option after an '@' (pinned below: it once leaked)
 _OPTION_AFTER_AN_AT = re.compile(r"(?i)@.*[?&;][\w.~+%-]*password=", re.DOTALL)
 
 
@@ -528,8 +524,6 @@ _OPTION_AFTER_AN_AT = re.compile(r"(?i)@.*[?&;][\w.~+%-]*password=", re.DOTALL)
 class Url:
     url: str
     passwords: tuple[str, ...]
-    #: the known bug the URL runs into, if any
-    known_bug: str | None = None
 
     def forms(self) -> set[str]:
         """Every password as written and percent-decoded (``+`` as a space too)."""
@@ -558,11 +552,8 @@ def urls(draw: st.DrawFn) -> Url:
     user = draw(st.sampled_from(["", "app", "default", "u@x", "a:b"]) | st.text(_WIDE, max_size=5))
     how = draw(st.sampled_from(["none", "user", "password", "password", "@@"]))
     userinfo = {"none": "", "user": f"{user}@", "@@": "@@"}.get(how)
-    known_bug = None
     if userinfo is None:
         userinfo = f"{user}:{password(False)}@"
-        if _OPTION_AFTER_AN_AT.search(userinfo[:-1]):
-            known_bug = OPTION_AFTER_AN_AT
     hosts = ",".join(
         draw(HOSTS) + draw(PORTS)
         for _ in range(draw(st.integers(1, 3 if "sentinel" in scheme else 1)))
@@ -574,7 +565,7 @@ def urls(draw: st.DrawFn) -> Url:
     url = f"{scheme}://{userinfo}{hosts}{draw(PATHS)}"
     if any(query):
         url += "?" + "&".join(query)
-    return Url(url, tuple(passwords), known_bug)
+    return Url(url, tuple(passwords))
 
 
 def _connect(url: str, is_async: bool) -> Any:
@@ -622,7 +613,6 @@ def assert_hidden(case: Url, is_async: bool = False) -> None:
 @FUZZ_REPLIES
 @given(urls(), st.booleans())
 def test_no_url_shows_its_password(case: Url, is_async: bool) -> None:
-    assume(case.known_bug is None)  # pinned below, as an expected failure, until fixed
     assert_hidden(case, is_async)
 
 
@@ -643,7 +633,6 @@ def test_a_password_holding_an_option_is_hidden(url: str) -> None:
     assert_hidden(Url(url, (_userinfo_password(url),)))
 
 
-@pytest.mark.xfail(strict=True, reason=OPTION_AFTER_AN_AT)
 @pytest.mark.parametrize(
     "url",
     [
