@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from conveyor._keys import dead_letter_key, heartbeat_key, reader_key
 from conveyor.errors import ConfigError
 
-__all__ = ["ROLES", "acl_rules"]
+__all__ = ["ROLES", "acl_args", "acl_rules"]
 
 #: what the CLI's commands that ask the server anything send first, and what redis-py's health
 #: check of an idle pooled connection sends
@@ -237,10 +237,10 @@ def acl_rules(
     Keys: the streams, and for consumer, monitor and admin their default dead-letter streams
     and the heartbeats of ``group`` (None: of any group); for reader the checkpoints of the
     reader named ``reader`` (None: of any reader). Glob characters in names are escaped; a
-    pattern cannot hold whitespace, so a space in a name matches any one character. A consumer given ``dead_letter=`` needs that
-    stream granted too: name it among ``streams``. ``cluster=True`` adds what a cluster client
-    needs (CLUSTER SLOTS, COMMAND, ASKING, INFO); create the user on every primary (and
-    replica), ACL users are per node.
+    pattern cannot hold whitespace, so a space in a name matches any one character there. A
+    consumer given ``dead_letter=`` needs that stream granted too: name it among ``streams``.
+    ``cluster=True`` adds what a cluster client needs (CLUSTER SLOTS, COMMAND, ASKING, INFO);
+    ACL users are per node: create the user on every node of the cluster.
 
     The line sets no password and leaves the user off: append ``>password on`` (or
     ``#<sha256> on``) before running it, then ``ACL SAVE`` (with an ACL file) or
