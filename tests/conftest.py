@@ -23,6 +23,20 @@ import conveyor
 from conveyor import AsyncConsumer, AsyncProducer, Consumer, EmbeddedServer, Producer
 
 
+#: tests that talk to no server of the suite's kind: pure logic (tests/core), URLs against
+#: unreachable endpoints, TLS against Debian's redis-server of their own. Marked ``once``:
+#: ``dev.py test`` runs them in its first pass and leaves them out of the pass on Redis.
+SERVER_INDEPENDENT = ("core/", "test_secrets.py", "test_tls.py")
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = os.path.relpath(str(item.path), _TESTS)
+        if where.startswith(SERVER_INDEPENDENT):
+            item.add_marker(pytest.mark.once)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--chaos-full",
@@ -35,7 +49,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedServer]:
     binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
-    srv = EmbeddedServer(binary).start()
+    # AOF on, as in production (the fsync left to the OS: cheap): the CLI's processes run the
+    # startup checks on it too, and find nothing to warn about.
+    aof = ("--appendonly", "yes", "--appendfsync", "no")
+    srv = EmbeddedServer(binary, extra_args=aof).start()
     try:
         yield srv
     finally:
