@@ -22,7 +22,6 @@ import redis.cluster
 import conveyor
 from conveyor import AsyncConsumer, AsyncProducer, Consumer, EmbeddedServer, Producer
 
-
 #: tests that talk to no server of the suite's kind: pure logic (tests/core), URLs against
 #: unreachable endpoints, TLS against Debian's redis-server of their own. Marked ``once``:
 #: ``dev.py test`` runs them in its first pass and leaves them out of the pass on Redis.
