@@ -33,6 +33,7 @@ from conveyor.cli import main
 from conveyor.connection import TlsFailure
 from conveyor.errors import ConnectionLost
 from tests.test_cli import TIMEOUT_S, _env, assert_clean_error
+from tests.test_cli import conveyor as conveyor_cli
 from tests.tls import UNNAMED_HOST, TlsFiles, TlsServer, make_certificates
 
 Name = Callable[[str], str]
@@ -279,16 +280,7 @@ def test_without_the_insecure_switch_the_same_client_fails(
 # -- the command line --------------------------------------------------------------------------
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conveyor", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env or _env(),
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+cli = conveyor_cli  # the command as a subprocess, as tests/test_cli.py runs it
 
 
 def tls_flags(files: TlsFiles, *, ca: Path | None = None) -> list[str]:
