@@ -53,12 +53,12 @@ def ensure_venv() -> None:
 def test(args: list[str]) -> int:
     failures = []
     say("tests on the embedded Valkey")
-    if run(PY, "-m", "pytest", *args) != 0:
+    if run(PY, "-m", "pytest", "--durations=15", *args) != 0:
         failures.append("tests on Valkey")
     if os.access(REDIS, os.X_OK) and not os.environ.get("CONVEYOR_TEST_SERVER"):
         say(f"the same tests on {REDIS}, but those that depend on no server (marked once)")
         env = {**os.environ, "CONVEYOR_TEST_SERVER": REDIS}
-        if run(PY, "-m", "pytest", "-m", "not once", *args, env=env) != 0:
+        if run(PY, "-m", "pytest", "--durations=15", "-m", "not once", *args, env=env) != 0:
             failures.append("tests on Redis")
     say("ruff check, ruff format --check, mypy --strict src")
     if run(BIN / "ruff", "check", "src", "tests", "bench", "dev.py") != 0:
