@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from conveyor import _cluster, _io
@@ -22,10 +22,10 @@ from conveyor._core import policy, scripts
 from conveyor._core.machine import RECLAIM, ConsumerMachine, ReadPlan
 from conveyor._keys import heartbeat_key, key_slot
 from conveyor._leases import Leases
-from conveyor.config import ConsumerConfig
+from conveyor.config import ConsumerConfig, check_name
 from conveyor.connection import READ_MARGIN_S, describe, reader_connection
-from conveyor.errors import ConfigError, ConnectionLost, ConveyorError
-from conveyor.models import ACK, DEAD, Batch, Message, describe_error
+from conveyor.errors import ConfigError, ConnectionLost, ConveyorError, PayloadError
+from conveyor.models import ACK, DEAD, FORWARD, Batch, Message, describe_error
 
 __all__ = [
     "AHEAD",
@@ -273,6 +273,8 @@ class _ConsumerBase:
         self.stale_ack_count = 0
         #: messages moved to the dead-letter stream by this consumer
         self.dead_lettered_count = 0
+        #: messages forwarded (acked, their outputs added) by this consumer; also in acked_count
+        self.forwarded_count = 0
         #: messages failed by the handler (each retried later or dead-lettered)
         self.failed_count = 0
         #: in-flight entries another consumer took over (this one looked dead or too slow)
@@ -708,6 +710,76 @@ class _ConsumerBase:
             *flat,
         )
 
+    def _outputs(
+        self, msg: Message, stream: Any, fields: Mapping[Any, Any] | None
+    ) -> list[tuple[str, list[Any]]]:
+        """A forward's outputs, checked: ``(target stream, field/value list)`` pairs."""
+        self._check_message(msg)
+        if self._noack:
+            raise ConfigError(
+                f"consumer {self.name!r} reads with noack: nothing is pending, so forward has "
+                "nothing to acknowledge; send to the next stream with a Producer"
+            )
+        if isinstance(stream, str):
+            if fields is None:
+                raise ConfigError(f"forward of {msg.id} to {stream!r} needs fields")
+            pairs: list[Any] = [(stream, fields)]
+        else:
+            if fields is not None or not isinstance(stream, Sequence | Iterable):
+                raise ConfigError(
+                    "forward takes a stream and its fields, or a list of (stream, fields) pairs"
+                )
+            pairs = list(stream)
+            if not pairs:
+                raise ConfigError(f"forward of {msg.id}: the list of (stream, fields) is empty")
+        outputs: list[tuple[str, list[Any]]] = []
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ConfigError(f"forward of {msg.id}: {pair!r} is not a (stream, fields) pair")
+            target, values = pair
+            check_name("forward's stream", target)
+            where = f" forwarded to {target!r}"
+            cmd.validate_fields(values, where)
+            if len(values) > cmd.MAX_INLINE_FIELDS:
+                raise PayloadError(
+                    f"message{where} has {len(values)} fields; a forward takes at most "
+                    f"{cmd.MAX_INLINE_FIELDS:,}"
+                )
+            if self._cluster and key_slot(target) != key_slot(msg.stream):
+                raise ConfigError(
+                    f"cannot forward from stream {msg.stream!r} (slot {key_slot(msg.stream)}) "
+                    f"to {target!r} (slot {key_slot(target)}): on a cluster the ack and the add "
+                    "run in one script, so both streams must share a hash slot; give them one "
+                    "hash tag, e.g. '{orders}:in' -> '{orders}:out'"
+                )
+            flat: list[Any] = []
+            for key, value in values.items():
+                flat.append(key)
+                flat.append(value)
+            outputs.append((target, flat))
+        return outputs
+
+    def _forward_commands(
+        self, forwards: Iterable[tuple[Message, list[tuple[str, list[Any]]]]]
+    ) -> list[cmd.Command]:
+        """One FORWARD script per stream for ``(message, its outputs)`` pairs."""
+        by_stream: dict[str, tuple[list[str], list[Any]]] = {}
+        for msg, outputs in forwards:
+            self._forget(msg.stream, (msg.id,))
+            targets, args = by_stream.setdefault(msg.stream, ([], []))
+            args.append(msg.id)
+            args.append(len(outputs))
+            for target, flat in outputs:
+                if target not in targets:
+                    targets.append(target)
+                args.append(targets.index(target) + 2)  # its index in KEYS
+                args.append(len(flat))
+                args.extend(flat)
+        return [
+            ("EVAL", scripts.FORWARD, 1 + len(targets), s, *targets, self.group, *args)
+            for s, (targets, args) in by_stream.items()
+        ]
+
     def _fail_commands(self, msg: Message, error: BaseException | str | None) -> list[cmd.Command]:
         """Fail one message: dead-letter it at max_deliveries, else schedule its retry."""
         self._check_message(msg)
@@ -734,6 +806,7 @@ class _ConsumerBase:
             self._forget(self.streams[0], batch._ids)
             return [cmd.xack(self.streams[0], self.group, batch._ids)]
         acked: dict[str, list[str]] = {}
+        forwarded: list[Message] = []
         commands: list[cmd.Command] = []
         unsettled = describe_error(error) if error is not None else "not settled by the handler"
         for msg in batch:
@@ -741,6 +814,8 @@ class _ConsumerBase:
             kind, reason = outcome if outcome is not None else ("fail", unsettled)
             if kind == ACK:
                 acked.setdefault(msg.stream, []).append(msg.id)
+            elif kind == FORWARD:
+                forwarded.append(msg)
             elif kind == DEAD:
                 self._forget(msg.stream, (msg.id,))
                 commands.append(self._dead_letter_command(msg, reason or "dead-lettered"))
@@ -748,6 +823,8 @@ class _ConsumerBase:
                 commands.extend(self._fail_commands(msg, reason))
         for stream, ids in acked.items():
             self._forget(stream, ids)
+        if forwarded:
+            commands[:0] = self._forward_commands((m, batch.forwards(m)) for m in forwarded)
         return [cmd.xack(s, self.group, ids) for s, ids in acked.items()] + commands
 
     def _noack_settle_commands(
@@ -825,14 +902,19 @@ class _ConsumerBase:
         (the rest count as stale), dead-letter moves (they check ownership); failures and
         unsettled messages are left to whoever holds them now."""
         acked: dict[str, list[str]] = {}
+        forwarded: list[Message] = []
         commands: list[cmd.Command] = []
         for msg in batch:
             outcome = batch.outcome(msg)
             if outcome is not None and outcome[0] == ACK:
                 acked.setdefault(msg.stream, []).append(msg.id)
+            elif outcome is not None and outcome[0] == FORWARD:
+                forwarded.append(msg)  # the script forwards only what is still pending
             elif outcome is not None and outcome[0] == DEAD:
                 commands.append(self._dead_letter_command(msg, outcome[1] or "dead-lettered"))
             self._forget(msg.stream, (msg.id,))
+        if forwarded:
+            commands[:0] = self._forward_commands((m, batch.forwards(m)) for m in forwarded)
         return [
             ("EVAL", scripts.ACK_IF_MINE, 1, s, self.group, self.name, *ids)
             for s, ids in acked.items()
@@ -881,6 +963,11 @@ class _ConsumerBase:
             elif command[1] == scripts.ACK_IF_MINE:
                 done += int(reply)
                 self.stale_ack_count += len(command) - 6 - int(reply)
+            elif command[1] == scripts.FORWARD:
+                forwarded = sum(1 for added in reply if added)
+                done += forwarded
+                self.forwarded_count += forwarded
+                self.stale_ack_count += len(reply) - forwarded
             else:  # EVAL DEAD_LETTER: 1 moved, 0 no longer ours
                 self.dead_lettered_count += int(reply)
         self.acked_count += done
@@ -898,7 +985,13 @@ class _ConsumerBase:
     def _what(command: cmd.Command) -> str:
         if command[0] == "EVAL":
             moves = (scripts.DEAD_LETTER, scripts.DEAD_LETTER_UNHELD)
-            step = "dead-letter move" if command[1] in moves else "settling step"
+            step = (
+                "dead-letter move"
+                if command[1] in moves
+                else "forward"
+                if command[1] == scripts.FORWARD
+                else "settling step"
+            )
             return f"{step} on stream {command[3]!r}"
         return f"{command[0]} on stream {command[1]!r}"
 

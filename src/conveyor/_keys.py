@@ -11,7 +11,14 @@ from __future__ import annotations
 import functools
 from binascii import crc_hqx
 
-__all__ = ["dead_letter_key", "hash_tag", "heartbeat_key", "key_slot", "reader_key"]
+__all__ = [
+    "dead_letter_key",
+    "hash_tag",
+    "heartbeat_key",
+    "idempotency_key",
+    "key_slot",
+    "reader_key",
+]
 
 SLOTS = 16384
 
@@ -103,3 +110,13 @@ def reader_key(stream: str, name: str) -> str:
     ('{orders}:reader:audit', '{shop}orders:reader:audit')
     """
     return _derived(stream, f"reader:{name}")
+
+
+def idempotency_key(stream: str, key: str) -> str:
+    """Where a producer remembers the first entry sent to ``stream`` under ``key``: a string
+    holding its id, expiring after the producer's idempotency window.
+
+    >>> idempotency_key("orders", "order-42"), idempotency_key("{shop}orders", "order-42")
+    ('{orders}:idem:order-42', '{shop}orders:idem:order-42')
+    """
+    return _derived(stream, f"idem:{key}")

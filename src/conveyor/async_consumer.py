@@ -9,7 +9,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from conveyor import _io
@@ -84,6 +84,15 @@ class AsyncConsumer(_ConsumerBase):
             [self._dead_letter_command(msg, describe_error(reason) or "dead-lettered")]
         )
         return self.dead_lettered_count > before
+
+    async def forward(
+        self, msg: Message, stream: Any, fields: Mapping[Any, Any] | None = None
+    ) -> list[str]:
+        """See ``Consumer.forward``."""
+        commands = self._forward_commands([(msg, self._outputs(msg, stream, fields))])
+        replies = await _io.apool_roundtrip(self.client, commands)
+        self._count_replies(commands, replies)
+        return [cmd.parse_id(i) for i in replies[0][0]]
 
     async def run(
         self, handler: Callable[[Batch], Awaitable[Any] | Any], *, grace_period_ms: int = 30_000

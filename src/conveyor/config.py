@@ -152,11 +152,15 @@ class ProducerConfig:
     chunk: int = 500
     #: a message larger than this (field names and values, in bytes) is refused unsent
     max_message_bytes: int | None = None
+    #: how long an idempotency key is remembered: a send under a key seen this recently adds
+    #: nothing (default 24 hours)
+    idempotency_window_ms: int = 86_400_000
 
     def __post_init__(self) -> None:
         check_name("stream", self.stream)
         if self.max_message_bytes is not None:
             check_int("max_message_bytes", self.max_message_bytes, 1)
+        check_int("idempotency_window_ms", self.idempotency_window_ms, 1)
         if self.maxlen is not None:
             check_int("maxlen", self.maxlen, 0)
         if self.minid is not None and not (

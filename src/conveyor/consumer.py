@@ -8,7 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from conveyor import _io
@@ -101,6 +101,18 @@ class Consumer(_ConsumerBase):
         before = self.dead_lettered_count
         self._send([self._dead_letter_command(msg, describe_error(reason) or "dead-lettered")])
         return self.dead_lettered_count > before
+
+    def forward(
+        self, msg: Message, stream: Any, fields: Mapping[Any, Any] | None = None
+    ) -> list[str]:
+        """Acknowledge ``msg`` and add ``fields`` to ``stream`` in one script, which adds only
+        if its ack removed the entry from the pending list; returns the ids added (none when
+        the message was no longer pending: another consumer finished it). For fan-out, pass a
+        list of ``(stream, fields)`` pairs as ``stream``: one call, one script."""
+        commands = self._forward_commands([(msg, self._outputs(msg, stream, fields))])
+        replies = _io.pool_roundtrip(self.client, commands)
+        self._count_replies(commands, replies)
+        return [cmd.parse_id(i) for i in replies[0][0]]
 
     def run(self, handler: Handler, *, grace_period_ms: int = 30_000) -> None:
         """Call ``handler(batch)`` for every batch until SIGTERM/SIGINT or ``stop()``.

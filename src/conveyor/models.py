@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict, overload
@@ -21,6 +21,7 @@ __all__ = [
     "CRITICAL",
     "DEAD",
     "FAIL",
+    "FORWARD",
     "HEALTHY",
     "PAYLOAD_FIELD",
     "PROVENANCE_FIELDS",
@@ -176,7 +177,7 @@ class Message:
 
 
 #: How a handler settled a message of a Batch in ``run()`` mode.
-ACK, FAIL, DEAD = "ack", "fail", "dead"
+ACK, FAIL, DEAD, FORWARD = "ack", "fail", "dead", "forward"
 _ACKED: tuple[str, str | None] = (ACK, None)
 _OUTCOME = operator.attrgetter("_outcome")
 
@@ -195,14 +196,16 @@ class Batch(Sequence[Message]):
     - ``batch.ack(msg)``: done with it;
     - ``batch.fail(msg, error)``: it comes back after a backoff (or goes to the dead-letter
       stream once it has been delivered ``max_deliveries`` times);
-    - ``batch.dead_letter(msg, reason)``: give up on it now.
+    - ``batch.dead_letter(msg, reason)``: give up on it now;
+    - ``batch.forward(msg, stream, fields)``: done with it, and ``fields`` go to ``stream``:
+      the ack and the XADD happen in one script, once, whoever finishes the message.
 
     Inside ``Consumer.run(handler)`` these only record the outcome; the consumer sends all acks
     of the batch in one round trip after the handler returns, and fails every message the
     handler did not settle. With ``get_batch()`` they act at once, through the consumer.
     """
 
-    __slots__ = ("_acker", "_deferred", "_ids", "_messages")
+    __slots__ = ("_acker", "_deferred", "_forwards", "_ids", "_messages")
 
     def __init__(
         self,
@@ -216,6 +219,8 @@ class Batch(Sequence[Message]):
         self._acker = acker
         self._ids = ids  # the messages' ids when they all come from one stream
         self._deferred = deferred
+        # run() mode: the outputs forwarded per message, by (stream, id)
+        self._forwards: dict[tuple[str, str], list[tuple[str, list[Any]]]] | None = None
 
     @overload
     def __getitem__(self, index: int) -> Message: ...
@@ -241,7 +246,8 @@ class Batch(Sequence[Message]):
     def ack(self, msg: Message) -> Any:
         """Acknowledge one message."""
         if self._deferred:
-            msg._outcome = _ACKED
+            if self._forwards is None or not _forwarded(msg):  # a forward acks it already
+                msg._outcome = _ACKED
             return None
         return self._consumer().ack(msg)
 
@@ -249,9 +255,38 @@ class Batch(Sequence[Message]):
         """Acknowledge every message of the batch (one round trip per stream)."""
         if self._deferred:
             for msg in self._messages:
-                msg._outcome = _ACKED
+                if self._forwards is None or not _forwarded(msg):
+                    msg._outcome = _ACKED
             return None
         return self._consumer().ack_many(self._messages)
+
+    def forward(self, msg: Message, stream: Any, fields: Mapping[Any, Any] | None = None) -> Any:
+        """Acknowledge ``msg`` and add ``fields`` to ``stream``, atomically, in one script that
+        adds only if its ack removed the entry: a message another consumer took over (after a
+        crash) is forwarded once, whoever finishes it.
+
+        Fan-out: call it again for the same message (inside ``run()``), or pass a list of
+        ``(stream, fields)`` pairs as ``stream``. On a cluster the target must share the
+        message's hash slot (``{orders}:in`` -> ``{orders}:out``). A later ``fail`` or
+        ``dead_letter`` of the message drops what was forwarded; ``ack`` keeps it.
+        """
+        if not self._deferred:
+            return self._consumer().forward(msg, stream, fields)
+        outputs = self._consumer()._outputs(msg, stream, fields)
+        if self._forwards is None:
+            self._forwards = {}
+        key = (msg.stream, msg.id)
+        if not _forwarded(msg):
+            self._forwards[key] = []
+        self._forwards[key].extend(outputs)
+        msg._outcome = (FORWARD, ", ".join(dict.fromkeys(t for t, _ in self._forwards[key])))
+        return None
+
+    def forwards(self, msg: Message) -> list[tuple[str, list[Any]]]:
+        """What ``run()``'s handler forwarded for ``msg``: ``(stream, field/value list)``."""
+        if self._forwards is None or not _forwarded(msg):
+            return []
+        return self._forwards.get((msg.stream, msg.id), [])
 
     def fail(self, msg: Message, error: BaseException | str | None = None) -> Any:
         """Processing failed: retry after a backoff, or dead-letter at ``max_deliveries``."""
@@ -268,7 +303,8 @@ class Batch(Sequence[Message]):
         return self._consumer().dead_letter(msg, reason)
 
     def outcome(self, msg: Message) -> tuple[str, str | None] | None:
-        """``(ack|fail|dead, reason)`` recorded for ``msg`` in ``run()`` mode, or None."""
+        """``(ack|fail|dead|forward, reason)`` recorded for ``msg`` in ``run()`` mode, or None
+        (for a forward, the reason names the target streams)."""
         return msg._outcome if self._deferred else None
 
     def all_acked(self) -> bool:
@@ -279,6 +315,10 @@ class Batch(Sequence[Message]):
         if self._acker is None:
             raise RuntimeError("this Batch was not read by a consumer; ack through the consumer")
         return self._acker
+
+
+def _forwarded(msg: Message) -> bool:
+    return msg._outcome is not None and msg._outcome[0] == FORWARD
 
 
 def describe_error(error: BaseException | str | None) -> str:

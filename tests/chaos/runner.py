@@ -15,8 +15,10 @@ comparable between processes of one machine.
 
 Rules: ``--poison-mod M`` fails every message whose field ``n`` is a multiple of M; ``--slow-n N
 --slow-ms T`` makes the handler spend T ms on the message whose ``n`` is N; ``--delay-ms D`` is
-the time every batch takes. ``--stats PATH`` receives the consumer's counters as JSON, rewritten
-when they change and on exit. The process prints ``ready NAME PID`` once the consumer exists.
+the time every batch takes. ``--forward STREAM`` forwards each processed message to STREAM
+(``batch.forward``, fields ``src`` = its id and ``n``) instead of acking it. ``--stats PATH``
+receives the consumer's counters as JSON, rewritten when they change and on exit. The process
+prints ``ready NAME PID`` once the consumer exists.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poison-mod", type=int, default=0)
     p.add_argument("--slow-n", type=int, default=None)
     p.add_argument("--slow-ms", type=float, default=0.0)
+    p.add_argument("--forward", default=None)
     return p.parse_args(argv)
 
 
@@ -73,6 +76,7 @@ class Stats:
         "reclaimed_count",
         "retried_count",
         "deleted_count",
+        "forwarded_count",
     )
 
     def __init__(self, path: Path | None, consumer: Consumer) -> None:
@@ -127,7 +131,9 @@ def make_handler(args: argparse.Namespace, log: TextIO, stats: Stats) -> Any:
         log.write("".join(f"{k} {m.id} {m.deliveries} {received} {done}\n" for m, k, _ in outcomes))
         log.flush()
         for msg, _, error in outcomes:
-            if error is None:
+            if error is None and args.forward:
+                batch.forward(msg, args.forward, {"src": msg.id, "n": msg.fields.get("n", "")})
+            elif error is None:
                 batch.ack(msg)
             else:
                 batch.fail(msg, error)

@@ -477,3 +477,45 @@ def test_trimming_while_pending(full: bool, tmp_path: Path) -> None:
     assert report.trimmed, "the scenario trimmed nothing: it does not test what it should"
     assert lost_pending, "no pending entry was trimmed: the scenario missed its point"
     assert set(report.consumers) == sc.live_names()
+
+
+# -- 7: a forwarding stage: exactly one output per input ------------------------------------------
+
+#: the forwarding stage's output stream, in the input stream's slot (so it also runs on a cluster)
+FORWARDED = "{" + STREAM + "}:out"
+
+
+def test_forwarding_stage_is_exactly_once_through_sigkills(full: bool, tmp_path: Path) -> None:
+    """Three workers forward every message to the next stream (``batch.forward``) while one of
+    them is SIGKILLed six times (at full size: twenty): every input id is in the output stream
+    exactly once, whoever finished it, and nothing is pending."""
+    n = 10_000 if full else 3_000
+    kills = 20 if full else 6
+    rng = random.Random(7)
+    args = worker_args(delay_ms=100, forward=FORWARDED)
+    with scenario("forward", tmp_path, args) as sc:
+        produced = produce(sc.r, n)
+        sc.start_workers(3)
+        sc.chaos_loop(
+            rng,
+            "new",
+            lambda: len(sc.kills) >= kills and all_settled(sc.r, produced[-1]),
+            every_s=0.7,
+            timeout_s=400 if full else 120,
+        )
+        sc.wait_dead_removed()
+        outputs = Counter(fields["src"] for _, fields in sc.r.xrange(FORWARDED))
+        report, _records = sc.finish(produced, forwarded=sum(outputs.values()))
+    missing = [i for i in produced if outputs[i] == 0]
+    twice = {i: k for i, k in outputs.items() if k > 1}
+    print(
+        f"chaos[forward] {n} inputs, {len(sc.kills)} SIGKILLs, {sum(outputs.values())} outputs: "
+        f"{len(missing)} missing, {len(twice)} duplicated, {len(report.pending)} pending; "
+        f"handled twice (side effects outside Redis would repeat): {report.duplicates}",
+        flush=True,
+    )
+    assert len(sc.kills) >= kills
+    assert missing == [], f"{len(missing)} inputs never forwarded, first {missing[:10]}"
+    assert twice == {}, f"{len(twice)} inputs forwarded more than once: {list(twice.items())[:10]}"
+    assert set(outputs) == set(produced), "outputs of ids nobody produced"
+    assert report.pending == [] and report.missing == [] and report.dead_lettered == []

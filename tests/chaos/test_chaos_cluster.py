@@ -29,7 +29,7 @@ STREAM, GROUP = base.STREAM, base.GROUP
 
 
 def _clear(r: Any) -> None:
-    for key in (STREAM, dead_letter_key(STREAM), heartbeat_key(STREAM, GROUP)):
+    for key in (STREAM, dead_letter_key(STREAM), heartbeat_key(STREAM, GROUP), base.FORWARDED):
         r.delete(key)
 
 
@@ -85,6 +85,12 @@ def test_poison_messages_are_dead_lettered_on_the_streams_node(
     # the dead-letter stream shares the stream's slot, so it lives on the stream's node
     assert key_slot(dead_letter_key(STREAM)) == key_slot(STREAM)
     assert _where_dead_letters["poison"] == [on_cluster.node_for_key(STREAM)]
+
+
+def test_forwarding_stage_is_exactly_once_on_a_cluster(
+    on_cluster: Any, full: bool, tmp_path: Path
+) -> None:
+    base.test_forwarding_stage_is_exactly_once_through_sigkills(full, tmp_path)
 
 
 class SteadyProducer(threading.Thread):

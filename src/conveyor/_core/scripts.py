@@ -16,8 +16,10 @@ __all__ = [
     "CREATE_GROUP",
     "DEAD_LETTER",
     "DEAD_LETTER_UNHELD",
+    "FORWARD",
     "GIVE_UP",
     "HEARTBEAT",
+    "IDEMPOTENT_ADD",
     "PROVENANCE_FIELDS",
     "RECLAIM",
     "REMOVE_IF_IDLE",
@@ -353,5 +355,98 @@ if type(r) == 'table' and r.err then
   call('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM')
 end
 return 'created'
+"""
+)
+
+#: Refuse, before anything is written, a target that cannot take an XADD: a key of another
+#: type, or one this user may not write (``redis.acl_check_cmd``, Redis 7+). A script stops at
+#: its first error without undoing what it did, so what could fail must fail first.
+_CHECK_TARGETS = """
+local function check_targets(first)
+  for i = first, #KEYS do
+    local t = redis.pcall('TYPE', KEYS[i])
+    local kind = type(t) == 'table' and t.ok or nil
+    if kind and kind ~= 'stream' and kind ~= 'none' then
+      return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind
+        .. ', not a stream (in XADD)')
+    end
+    if redis.acl_check_cmd and not redis.acl_check_cmd('XADD', KEYS[i], '*', 'f', 'v') then
+      return redis.error_reply('NOPERM this user has no permissions to run the XADD command '
+        .. 'on ' .. KEYS[i])
+    end
+  end
+  return nil
+end
+"""
+
+#: Forward messages: acknowledge each and add its outputs to the target streams, the outputs
+#: only if this XACK removed the entry from the group's pending list. Whoever finishes a
+#: message first (its consumer, or one that reclaimed it after a crash) forwards it; a second
+#: finisher's XACK removes nothing and adds nothing. Nothing can fail after the first XACK:
+#: targets are checked first, and a script that has written is not refused for memory.
+#: KEYS[1] stream, KEYS[2..] target streams; ARGV group, then per message: id, number of
+#: outputs, and per output: target's index in KEYS, number of values, field/value pairs.
+#: Returns per message the ids added (none: it was no longer pending).
+FORWARD = (
+    _CALL
+    + _CHECK_TARGETS
+    + """
+local refused = check_targets(2)
+if refused then return refused end
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local id, outputs = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local removed = call('XACK', KEYS[1], ARGV[1], id)
+  local added = {}
+  for _ = 1, outputs do
+    local width = tonumber(ARGV[i + 1])
+    if removed == 1 then
+      local args = {KEYS[tonumber(ARGV[i])], '*'}
+      for j = i + 2, i + 1 + width do args[#args + 1] = ARGV[j] end
+      added[#added + 1] = call('XADD', unpack(args))
+    end
+    i = i + 2 + width
+  end
+  out[#out + 1] = added
+end
+return out
+"""
+)
+
+#: Add entries unless their idempotency key was seen within the window: a key names the first
+#: entry added under it (a string key in the stream's slot, expiring after the window), and a
+#: repeated key adds nothing and answers the first id. Every key is read before anything is
+#: written, so a key of another type refuses the whole call, not half of it.
+#: KEYS[1] stream, KEYS[2..] one idempotency key per entry; ARGV window ms, number of XADD
+#: options (MAXLEN/MINID), the options, then per entry: number of values, field/value pairs.
+#: Returns {ids, 1 per entry added and 0 per repeat}.
+IDEMPOTENT_ADD = (
+    _CALL
+    + """
+for k = 2, #KEYS do call('GET', KEYS[k]) end
+local options = tonumber(ARGV[2])
+local ids, fresh = {}, {}
+local i = 3 + options
+for k = 2, #KEYS do
+  local width = tonumber(ARGV[i])
+  local first = call('GET', KEYS[k])
+  if first then
+    ids[#ids + 1] = first
+    fresh[#fresh + 1] = 0
+  else
+    local args = {KEYS[1]}
+    for j = 3, 2 + options do args[#args + 1] = ARGV[j] end
+    args[#args + 1] = '*'
+    for j = i + 1, i + width do args[#args + 1] = ARGV[j] end
+    local id = call('XADD', unpack(args))
+    call('SET', KEYS[k], id, 'PX', ARGV[1])
+    ids[#ids + 1] = id
+    fresh[#fresh + 1] = 1
+  end
+  i = i + 1 + width
+end
+return {ids, fresh}
 """
 )
