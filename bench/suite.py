@@ -30,7 +30,12 @@ with its reference row (1.00x):
   decoded batch and ``await msg.ack()`` (``AckPolicy.MANUAL``); it is timed from the first
   handler call to the end of the last one, so the first batch's read is outside the timing and
   the messages counted are the others; the broker is stopped after the timing. faststream runs
-  on asyncio, so its ratio is to the asyncio reference.
+  on asyncio, so its ratio is to the asyncio reference;
+* stage, reference: ``Consumer.run(handler)`` as above, an ack stage;
+* ``Consumer.run(handler)`` of a forwarding stage: the handler calls ``batch.forward(msg,
+  next, msg.fields)`` for each message (ack and XADD to ``{stream}:forwarded:<group>`` in one
+  script, exactly once); the run checks that the output holds one entry per message and
+  deletes it. Its ratio is what exactly-once forwarding costs beside a plain ack.
 
 Every run of every row, the reference rows' and the warm-ups included, is made in a fresh child
 process (``multiprocessing``, spawn) that imports only what its row needs: redis for the
@@ -109,6 +114,7 @@ from bench.suite_consume import (
     HEADER,
     Row,
     conveyor_async_run,
+    conveyor_forward,
     conveyor_get_batch,
     conveyor_run,
     conveyor_send_many,
@@ -226,6 +232,10 @@ class Report:
                 "asyncio", ref_async, reference=True),
             Row("conveyor_async_run", "AsyncConsumer.run(handler)", "asyncio", conveyor_async_run),
             Row("faststream", "faststream batch subscriber, msg.ack()", "asyncio", faststream),
+            Row("stage_ack", "Consumer.run, batch.ack(msg): an ack stage (reference)", "stage",
+                conveyor_run, reference=True),
+            Row("stage_forward", "Consumer.run, batch.forward(msg, next, fields)", "stage",
+                conveyor_forward),
         ]  # fmt: skip
         warm = min(n, max(2 * s.batch, _warmup_count(n, s.batch)))
         title = (

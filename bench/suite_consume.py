@@ -293,6 +293,50 @@ def conveyor_run(url: str, admin: redis.Redis, run: Run) -> Measured:
     return Measured(run.count, elapsed)
 
 
+class ForwardAll(AckAll):
+    """A ``run()`` handler: forwards every message, its fields as they came, to ``target``
+    (``batch.forward``: the ack and the XADD in one script), stops after ``count``."""
+
+    def __init__(self, consumer: Consumer | AsyncConsumer, count: int, target: str) -> None:
+        super().__init__(consumer, count)
+        self.target = target
+
+    def __call__(self, batch: Any) -> None:
+        for msg in batch:
+            batch.forward(msg, self.target, msg.fields)
+        self.seen += len(batch)
+        if self.seen >= self.count:
+            self.consumer.stop()
+
+
+def conveyor_forward(url: str, admin: redis.Redis, run: Run) -> Measured:
+    """``Consumer.run(handler)`` of a forwarding stage: as ``conveyor_run``, the handler
+    forwarding each message to a new stream in the stream's slot; then checks that the
+    output holds exactly one entry per message, and deletes it."""
+    import conveyor
+
+    target = "{" + run.stream + "}:forwarded:" + run.group
+    with conveyor.connect(url) as client:
+        client.ping()
+        c = conveyor.Consumer(
+            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
+        )
+        handler = ForwardAll(c, run.count, target)
+        gc.collect()
+        watch = Stopwatch()
+        c.run(handler)
+        elapsed = watch.stop()
+    finish_run(admin, "Consumer.run forwarding", run, handler.seen, c.acked_count)
+    outputs = admin.xlen(target)
+    admin.delete(target)
+    if outputs != run.count or c.forwarded_count != run.count:
+        raise BenchError(
+            f"Consumer.run forwarding: {run.count} messages, {outputs} outputs in {target!r}, "
+            f"{c.forwarded_count} counted as forwarded"
+        )
+    return Measured(run.count, elapsed)
+
+
 def conveyor_get_batch(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``Consumer.get_batch()`` + ``ack_many(batch)`` (bench.throughput's loop)."""
     import conveyor

@@ -24,6 +24,8 @@ CONSUME_ROWS = {
     "redis_py_async": "asyncio",
     "conveyor_async_run": "asyncio",
     "faststream": "asyncio",
+    "stage_ack": "stage",
+    "stage_forward": "stage",
 }
 OPTIONAL_ROWS = {"walrus", "faststream"}
 PRODUCE_ROWS = {"redis_py", "conveyor"}
@@ -64,7 +66,7 @@ def test_bench_suite_quick_run() -> None:
     for key, family in CONSUME_ROWS.items():
         assert consume["rows"][key]["family"] == family
     references = [k for k, row in consume["rows"].items() if row["reference"]]
-    assert references == ["redis_py", "redis_py_async"]
+    assert references == ["redis_py", "redis_py_async", "stage_ack"]
     _check_rows(report["produce"], PRODUCE_ROWS, repeat=1)
 
     assert set(report["latency"]) == {"raw", "conveyor"}
