@@ -172,7 +172,7 @@ def test_the_keys_are_the_streams_and_the_role_s_own_derived_keys() -> None:
     def keys(*args: Any, **kw: Any) -> list[str]:
         return [a for a in acl_args(*args, **kw) if a.startswith("~")]
 
-    assert keys("producer", "orders", "billing") == ["~orders"]
+    assert keys("producer", "orders", "billing") == ["~orders", "~{orders}:idem:*"]
     assert keys("consumer", "orders", "billing") == [
         "~orders",
         "~{orders}:heartbeats:billing",
@@ -190,7 +190,10 @@ def test_the_keys_are_the_streams_and_the_role_s_own_derived_keys() -> None:
     assert keys("reader", "orders", reader="audit") == ["~orders", "~{orders}:reader:audit"]
     assert keys("reader", "orders") == ["~orders", "~{orders}:reader:*"]
     # glob characters of a name match only themselves
-    assert keys("producer", "a*b?[c]\\d") == ["~a\\*b\\?\\[c\\]\\\\d"]
+    assert keys("producer", "a*b?[c]\\d") == [
+        "~a\\*b\\?\\[c\\]\\\\d",
+        "~{a\\*b\\?\\[c\\]\\\\d}:idem:*",
+    ]
     assert keys("consumer", "o*", "g?") == ["~o\\*", "~{o\\*}:heartbeats:g\\?", "~{o\\*}:dead"]
     assert keys("consumer", "o*") == ["~o\\*", "~{o\\*}:heartbeats:*", "~{o\\*}:dead"]
 
@@ -290,15 +293,22 @@ def test_producer_sends_and_is_refused_the_rest(
         p = Producer(client, s, maxlen=1000)
         p.send({"n": "0"})
         p.send_many([{"n": str(i)} for i in range(1, 100)], chunk=30)
+        first = p.send({"n": "keyed"}, idempotency_key="k")
+        assert p.send_many([{"n": "keyed"}], idempotency_keys=["k"]) == [first]
         refused(client, "XREADGROUP", "GROUP", "g", "c", "STREAMS", s, ">")
         refused(client, "XDEL", s, "0-1")
         refused(client, "XRANGE", s, "-", "+")
         refused(client, "FLUSHALL")
         refused(client, "XADD", other, "*", "a", "1")
-        refused(client, "EVAL", "return 1", 0)
+        with pytest.raises(
+            ResponseError, match=r"(?i)permission|can't run this command"
+        ):  # inside a script
+            client.execute_command("EVAL", "return redis.call('XDEL', KEYS[1], '0-1')", 1, s)
+        refused(client, "EVAL", "return redis.call('XADD', KEYS[1], '*', 'a', '1')", 1, other)
+        refused(client, "GET", other)
     result = cli("produce", "--url", url, "-s", s, "n=100")
     assert result.returncode == 0, result.stderr
-    assert r.xlen(s) == 101 and not r.exists(other)
+    assert r.xlen(s) == 102 and not r.exists(other)
 
 
 # -- consumer ----------------------------------------------------------------------------------
@@ -439,7 +449,31 @@ def test_consumer_is_refused_trimming_deleting_and_other_streams(
         refused(client, "HSET", f"{{{s}}}:heartbeats:other-group", "w", "1")
         with pytest.raises(ServerError, match="NOPERM"):
             Consumer(client, other, "g").get_batch()
+        c = Consumer(client, s, "g", max_wait_ms=30)
+        batch = c.get_batch()
+        with pytest.raises(ServerError, match="NOPERM"):
+            c.forward(batch[0], "{" + other + "}:out", {"a": "1"})  # not one of its streams
     assert r.xlen(s) == 2 and not r.exists(f"{{{other}}}:heartbeats:g")
+    assert r.xpending(s, "g")["pending"] == 2  # the refused forward acked nothing
+
+
+def test_consumer_forwards_to_a_stream_given_as_one_of_its_own(
+    r: redis.Redis, name: Callable[[str], str], acl_user: MakeUser
+) -> None:
+    s = name("s")
+    out = "{" + s + "}:out"
+    url = acl_user("consumer", [s, out], "g")
+    fill(r, s, 3)
+    with conveyor.connect(url) as client:
+        c = Consumer(client, s, "g", max_wait_ms=30)
+
+        def handler(batch: conveyor.Batch) -> None:
+            for msg in batch:
+                batch.forward(msg, out, {"src": msg.id})
+            c.stop()
+
+        c.run(handler)
+    assert r.xlen(out) == 3 and r.xpending(s, "g")["pending"] == 0
 
 
 # -- monitor -----------------------------------------------------------------------------------

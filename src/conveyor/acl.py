@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from conveyor._keys import dead_letter_key, heartbeat_key, reader_key
+from conveyor._keys import dead_letter_key, heartbeat_key, idempotency_key, reader_key
 from conveyor.errors import ConfigError
 
 __all__ = ["ROLES", "acl_args", "acl_rules"]
@@ -28,16 +28,19 @@ _CONNECT = ("ping",)
 
 #: the commands a role sends, its scripts' included
 _COMMANDS: dict[str, tuple[str, ...]] = {
-    # Producer.send / send_many, conveyor produce
-    "producer": ("xadd",),
-    # Consumer and AsyncConsumer (run, get_batch, acks, dead letters, heartbeats, reclaim,
-    # re-reading their own pending entries), conveyor run and conveyor consume (--peek reads
-    # with XREAD; without --create it checks that the stream EXISTS)
+    # Producer.send / send_many, conveyor produce; with idempotency keys, a script that reads
+    # and sets them (GET, SET) beside the XADD
+    "producer": ("xadd", "eval", "get", "set"),
+    # Consumer and AsyncConsumer (run, get_batch, acks, dead letters, forwards, heartbeats,
+    # reclaim, re-reading their own pending entries), conveyor run and conveyor consume (--peek
+    # reads with XREAD; without --create it checks that the stream EXISTS). A forward's target
+    # streams are given as streams too; its script asks their TYPE first.
     "consumer": (
         "client|setname",
         "eval",
         "time",
         "exists",
+        "type",
         "xreadgroup",
         "xread",
         "xack",
@@ -153,6 +156,8 @@ def _patterns(role: str, streams: list[str], group: str | None, reader: str | No
     patterns: list[str] = []
     for stream in streams:
         patterns.append(_literal(stream))
+        if role == "producer":
+            patterns.append(_literal(idempotency_key(stream, "")) + "*")
         if role in ("consumer", "monitor", "admin"):
             if group is None:  # any group's heartbeats: the prefix, then anything
                 patterns.append(_literal(heartbeat_key(stream, "")) + "*")
@@ -179,8 +184,10 @@ def acl_args(
     """The arguments of ``acl_rules``'s line after ``ACL SETUSER``, one string each (for
     ``client.execute_command("ACL", "SETUSER", *acl_args(...), ">secret", "on")``).
 
-    >>> acl_args("producer", "orders")
-    ['conveyor-producer', 'reset', 'resetchannels', '-@all', '+ping', '+xadd', '~orders']
+    >>> acl_args("producer", "orders")[:4]
+    ['conveyor-producer', 'reset', 'resetchannels', '-@all']
+    >>> acl_args("producer", "orders")[4:]
+    ['+ping', '+xadd', '+eval', '+get', '+set', '~orders', '~{orders}:idem:*']
     """
     if role not in _COMMANDS:
         raise ConfigError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
@@ -247,8 +254,8 @@ def acl_rules(
     ``CONFIG REWRITE`` so that it survives a restart. User name: ``user``, else
     ``conveyor-<role>``.
 
-    >>> print(acl_rules("producer", "orders"))
-    ACL SETUSER conveyor-producer reset resetchannels -@all +ping +xadd ~orders
+    >>> print(acl_rules("producer", "orders", user="p"))
+    ACL SETUSER p reset resetchannels -@all +ping +xadd +eval +get +set ~orders ~{orders}:idem:*
     """
     args = acl_args(role, streams, group, user=user, reader=reader, cluster=cluster)
     return " ".join(["ACL", "SETUSER", *map(_quoted, args)])
