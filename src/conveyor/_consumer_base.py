@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 from conveyor import _cluster, _io
@@ -275,6 +276,8 @@ class _ConsumerBase:
         self.dead_lettered_count = 0
         #: messages forwarded (acked, their outputs added) by this consumer; also in acked_count
         self.forwarded_count = 0
+        # (target, stream) pairs of forwards checked already (name, and slot on a cluster)
+        self._targets: set[tuple[str, str]] = set()
         #: messages failed by the handler (each retried later or dead-lettered)
         self.failed_count = 0
         #: in-flight entries another consumer took over (this one looked dead or too slow)
@@ -723,6 +726,10 @@ class _ConsumerBase:
         if isinstance(stream, str):
             if fields is None:
                 raise ConfigError(f"forward of {msg.id} to {stream!r} needs fields")
+            if (stream, msg.stream) in self._targets and type(fields) is dict:
+                cmd.validate_fields(fields, f" forwarded to {stream!r}")
+                if len(fields) <= cmd.MAX_INLINE_FIELDS:  # the hot path: a target seen before
+                    return [(stream, list(chain.from_iterable(fields.items())))]
             pairs: list[Any] = [(stream, fields)]
         else:
             if fields is not None or not isinstance(stream, Sequence | Iterable):
@@ -752,21 +759,18 @@ class _ConsumerBase:
                     "run in one script, so both streams must share a hash slot; give them one "
                     "hash tag, e.g. '{orders}:in' -> '{orders}:out'"
                 )
-            flat: list[Any] = []
-            for key, value in values.items():
-                flat.append(key)
-                flat.append(value)
-            outputs.append((target, flat))
+            self._targets.add((target, msg.stream))
+            outputs.append((target, list(chain.from_iterable(values.items()))))
         return outputs
 
     def _forward_commands(
         self, forwards: Iterable[tuple[Message, list[tuple[str, list[Any]]]]]
     ) -> list[cmd.Command]:
         """One FORWARD script per stream for ``(message, its outputs)`` pairs."""
-        by_stream: dict[str, tuple[list[str], list[Any]]] = {}
+        by_stream: dict[str, tuple[list[str], list[Any], list[str]]] = {}
         for msg, outputs in forwards:
-            self._forget(msg.stream, (msg.id,))
-            targets, args = by_stream.setdefault(msg.stream, ([], []))
+            targets, args, ids = by_stream.setdefault(msg.stream, ([], [], []))
+            ids.append(msg.id)
             args.append(msg.id)
             args.append(len(outputs))
             for target, flat in outputs:
@@ -775,9 +779,11 @@ class _ConsumerBase:
                 args.append(targets.index(target) + 2)  # its index in KEYS
                 args.append(len(flat))
                 args.extend(flat)
+        for s, (_, _, ids) in by_stream.items():
+            self._forget(s, ids)
         return [
             ("EVAL", scripts.FORWARD, 1 + len(targets), s, *targets, self.group, *args)
-            for s, (targets, args) in by_stream.items()
+            for s, (targets, args, _) in by_stream.items()
         ]
 
     def _fail_commands(self, msg: Message, error: BaseException | str | None) -> list[cmd.Command]:
@@ -810,7 +816,7 @@ class _ConsumerBase:
         commands: list[cmd.Command] = []
         unsettled = describe_error(error) if error is not None else "not settled by the handler"
         for msg in batch:
-            outcome = batch.outcome(msg)
+            outcome = msg._outcome  # run() mode: what the handler recorded
             kind, reason = outcome if outcome is not None else ("fail", unsettled)
             if kind == ACK:
                 acked.setdefault(msg.stream, []).append(msg.id)
@@ -905,7 +911,7 @@ class _ConsumerBase:
         forwarded: list[Message] = []
         commands: list[cmd.Command] = []
         for msg in batch:
-            outcome = batch.outcome(msg)
+            outcome = msg._outcome
             if outcome is not None and outcome[0] == ACK:
                 acked.setdefault(msg.stream, []).append(msg.id)
             elif outcome is not None and outcome[0] == FORWARD:

@@ -179,6 +179,7 @@ class Message:
 #: How a handler settled a message of a Batch in ``run()`` mode.
 ACK, FAIL, DEAD, FORWARD = "ack", "fail", "dead", "forward"
 _ACKED: tuple[str, str | None] = (ACK, None)
+_FORWARDED: tuple[str, str | None] = (FORWARD, None)
 _OUTCOME = operator.attrgetter("_outcome")
 
 
@@ -275,11 +276,11 @@ class Batch(Sequence[Message]):
         outputs = self._consumer()._outputs(msg, stream, fields)
         if self._forwards is None:
             self._forwards = {}
-        key = (msg.stream, msg.id)
-        if not _forwarded(msg):
-            self._forwards[key] = []
-        self._forwards[key].extend(outputs)
-        msg._outcome = (FORWARD, ", ".join(dict.fromkeys(t for t, _ in self._forwards[key])))
+        if msg._outcome is _FORWARDED:
+            self._forwards[(msg.stream, msg.id)].extend(outputs)
+        else:
+            self._forwards[(msg.stream, msg.id)] = outputs
+            msg._outcome = _FORWARDED
         return None
 
     def forwards(self, msg: Message) -> list[tuple[str, list[Any]]]:
@@ -305,7 +306,11 @@ class Batch(Sequence[Message]):
     def outcome(self, msg: Message) -> tuple[str, str | None] | None:
         """``(ack|fail|dead|forward, reason)`` recorded for ``msg`` in ``run()`` mode, or None
         (for a forward, the reason names the target streams)."""
-        return msg._outcome if self._deferred else None
+        if not self._deferred:
+            return None
+        if msg._outcome is _FORWARDED:
+            return (FORWARD, ", ".join(dict.fromkeys(t for t, _ in self.forwards(msg))))
+        return msg._outcome
 
     def all_acked(self) -> bool:
         """True when the handler in ``run()`` acked every message of the batch."""
@@ -318,7 +323,7 @@ class Batch(Sequence[Message]):
 
 
 def _forwarded(msg: Message) -> bool:
-    return msg._outcome is not None and msg._outcome[0] == FORWARD
+    return msg._outcome is _FORWARDED
 
 
 def describe_error(error: BaseException | str | None) -> str:
