@@ -17,7 +17,9 @@ def test_readme_python_examples_run(monkeypatch: pytest.MonkeyPatch, redis_url: 
     namespace: dict[str, object] = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    namespace["r"].delete("orders", "clicks")  # type: ignore[attr-defined]
+    r = namespace["r"]
+    r.delete("orders", "clicks", "{orders}:in", "{orders}:priced")  # type: ignore[attr-defined]
+    r.delete(*r.keys("{orders}:in:idem:*"))  # type: ignore[attr-defined]
 
 
 def test_readme_examples_that_start_with_imports_run_on_their_own(
