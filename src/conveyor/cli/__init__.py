@@ -310,6 +310,7 @@ def _start_embedded_server() -> conveyor.EmbeddedServer:
 # Each command module registers itself on ``main`` when imported.
 from conveyor.cli import acl as _acl  # noqa: E402, F401
 from conveyor.cli import consume as _consume  # noqa: E402, F401
+from conveyor.cli import dashboard as _dashboard  # noqa: E402, F401
 from conveyor.cli import demo as _demo  # noqa: E402, F401
 from conveyor.cli import dlq as _dlq  # noqa: E402, F401
 from conveyor.cli import exporter as _exporter  # noqa: E402, F401
