@@ -62,6 +62,7 @@ __all__ = [
 Command = tuple[Any, ...]
 
 _FIELD_TYPES = (str, bytes, int, float)
+_NAME_TYPES, _VALUE_TYPES = frozenset((str, bytes)), frozenset(_FIELD_TYPES)
 
 #: commands whose first key follows a subcommand
 _SUBCOMMAND_KEYED = frozenset({"XINFO", "XGROUP", "OBJECT", "MEMORY"})
@@ -250,10 +251,14 @@ def xautoclaim(
 
 def validate_fields(fields: Any, where: str = "") -> None:
     """Raise FieldTypeError naming the field whose value Redis cannot store as it is."""
-    if not isinstance(fields, Mapping):
+    if type(fields) is not dict and not isinstance(fields, Mapping):
         raise FieldTypeError(f"fields{where} must be a mapping, got {type(fields).__name__}")
     if not fields:
         raise FieldTypeError(f"fields{where} must not be empty: a stream entry needs a field")
+    if _NAME_TYPES.issuperset(map(type, fields)) and _VALUE_TYPES.issuperset(
+        map(type, fields.values())
+    ):
+        return  # the common case, checked in C: str or bytes names, plain values
     for key, value in fields.items():
         if not isinstance(key, str | bytes):
             raise FieldTypeError(

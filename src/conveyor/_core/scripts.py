@@ -393,23 +393,23 @@ FORWARD = (
     + """
 local refused = check_targets(2)
 if refused then return refused end
-local out = {}
+local argv, last, stream, group = ARGV, #ARGV, KEYS[1], ARGV[1]
+local out, n = {}, 0
 local i = 2
-while i <= #ARGV do
-  local id, outputs = ARGV[i], tonumber(ARGV[i + 1])
+while i <= last do
+  local id, outputs = argv[i], tonumber(argv[i + 1])
   i = i + 2
-  local removed = call('XACK', KEYS[1], ARGV[1], id)
+  local removed = call('XACK', stream, group, id)
   local added = {}
-  for _ = 1, outputs do
-    local width = tonumber(ARGV[i + 1])
+  for k = 1, outputs do
+    local width = tonumber(argv[i + 1])
     if removed == 1 then
-      local args = {KEYS[tonumber(ARGV[i])], '*'}
-      for j = i + 2, i + 1 + width do args[#args + 1] = ARGV[j] end
-      added[#added + 1] = call('XADD', unpack(args))
+      added[k] = call('XADD', KEYS[tonumber(argv[i])], '*', unpack(argv, i + 2, i + 1 + width))
     end
     i = i + 2 + width
   end
-  out[#out + 1] = added
+  n = n + 1
+  out[n] = added
 end
 return out
 """
