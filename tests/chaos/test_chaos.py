@@ -12,6 +12,7 @@ import bisect
 import contextlib
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -485,10 +486,37 @@ def test_trimming_while_pending(full: bool, tmp_path: Path) -> None:
 FORWARDED = "{" + STREAM + "}:out"
 
 
+def stall(sc: Scenario, rng: random.Random) -> int:
+    """SIGSTOP a worker that holds entries until the others have reclaimed and finished every
+    one of them, then SIGCONT it: it wakes up in the middle of its batch and finishes it late,
+    as a consumer thought dead does. Returns how many entries it held."""
+    for worker in rng.sample(list(sc.slots.values()), len(sc.slots)):
+        worker.proc.send_signal(signal.SIGSTOP)
+        rows = sc.r.xpending_range(STREAM, GROUP, "-", "+", 100_000, consumername=worker.name)
+        held = {row["message_id"] for row in rows}
+        if held:
+            break
+        worker.proc.send_signal(signal.SIGCONT)
+    else:
+        return 0
+
+    def taken_and_done() -> bool:
+        rows = sc.r.xpending_range(STREAM, GROUP, "-", "+", 100_000)
+        return not held & {row["message_id"] for row in rows}
+
+    try:
+        wait_until(taken_and_done, 60, "the stalled worker's entries reclaimed and finished")
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+    return len(held)
+
+
 def test_forwarding_stage_is_exactly_once_through_sigkills(full: bool, tmp_path: Path) -> None:
-    """Three workers forward every message to the next stream (``batch.forward``) while one of
-    them is SIGKILLed six times (at full size: twenty): every input id is in the output stream
-    exactly once, whoever finished it, and nothing is pending."""
+    """Three workers forward every message to the next stream (``batch.forward``); two of them
+    are stalled (SIGSTOP) until the others have taken over and forwarded what they held, then
+    resumed to finish late; then one at a time is SIGKILLed, six times (at full size: twenty).
+    Every input id is in the output stream exactly once, whoever finished it, and nothing is
+    pending."""
     n = 10_000 if full else 3_000
     kills = 20 if full else 6
     rng = random.Random(7)
@@ -496,6 +524,8 @@ def test_forwarding_stage_is_exactly_once_through_sigkills(full: bool, tmp_path:
     with scenario("forward", tmp_path, args) as sc:
         produced = produce(sc.r, n)
         sc.start_workers(3)
+        wait_until(lambda: delivered_fraction(sc.r, produced) > 0.05, 60, "work under way")
+        stalled = [stall(sc, rng), stall(sc, rng)]
         sc.chaos_loop(
             rng,
             "new",
@@ -509,12 +539,13 @@ def test_forwarding_stage_is_exactly_once_through_sigkills(full: bool, tmp_path:
     missing = [i for i in produced if outputs[i] == 0]
     twice = {i: k for i, k in outputs.items() if k > 1}
     print(
-        f"chaos[forward] {n} inputs, {len(sc.kills)} SIGKILLs, {sum(outputs.values())} outputs: "
+        f"chaos[forward] {n} inputs, {len(sc.kills)} SIGKILLs, stalls holding {stalled}, "
+        f"{sum(outputs.values())} outputs: "
         f"{len(missing)} missing, {len(twice)} duplicated, {len(report.pending)} pending; "
         f"handled twice (side effects outside Redis would repeat): {report.duplicates}",
         flush=True,
     )
-    assert len(sc.kills) >= kills
+    assert len(sc.kills) >= kills and all(stalled), stalled
     assert missing == [], f"{len(missing)} inputs never forwarded, first {missing[:10]}"
     assert twice == {}, f"{len(twice)} inputs forwarded more than once: {list(twice.items())[:10]}"
     assert set(outputs) == set(produced), "outputs of ids nobody produced"
