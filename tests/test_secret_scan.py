@@ -345,7 +345,7 @@ def problems_of(run: Run, *, failed: bool) -> list[str]:
 
 
 #: run as processes (below), not by the scenario
-LONG_RUNNING = {"run", "exporter"}
+LONG_RUNNING = {"run", "exporter", "dashboard"}
 
 
 def test_the_scan_runs_every_command_that_takes_a_url() -> None:
@@ -512,6 +512,24 @@ def _metrics(port: int) -> Callable[[Process], bool]:
     return ready
 
 
+def _dashboard(port: int) -> Callable[[Process], bool]:
+    """Ready once the dashboard's JSON shows the stream; its page and JSON are kept for the
+    scan."""
+
+    def ready(process: Process) -> bool:
+        pages = []
+        try:
+            for path in ("/", "/api/snapshot"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as page:
+                    pages.append(page.read().decode())
+        except OSError:
+            return False
+        process.pages.extend(pages)
+        return '"reachable": true' in pages[-1]
+
+    return ready
+
+
 def _shows(text: str) -> Callable[[Process], bool]:
     return lambda process: text in process.output()
 
@@ -543,6 +561,9 @@ def test_long_running_commands_hide_the_password(secured: PasswordServer, tmp_pa
             fleet.start(target, watch, _shows("health"))
             follow = ("consume", "-s", stream, "-g", "tail", "--follow", "--max-wait-ms", "100")
             fleet.start(target, follow, _shows('"id"'))
+            port = free_port()
+            dashboard = ("dashboard", "-p", str(port), "-s", stream, "--allow-actions")
+            fleet.start(target, dashboard, _dashboard(port))
         for shape, target in bad.items():
             # An unreachable server is waited for (until SIGTERM); a refused password ends the
             # command in one line. monitor --watch takes a refused password for an outage too
@@ -555,6 +576,9 @@ def test_long_running_commands_hide_the_password(secured: PasswordServer, tmp_pa
             fleet.start(target, exporter, _metrics(port) if waits else None, may_fail=True)
             watch = ("monitor", "-s", "scan:long:bad", "--watch", "--interval", "0.2")
             fleet.start(target, watch, _shows("health"), may_fail=True)
+            # the dashboard needs the server at its start: one error line, and it ends
+            dashboard = ("dashboard", "-p", str(free_port()), "-s", "scan:long:bad")
+            fleet.start(target, dashboard, None, may_fail=True)
         for process in fleet.processes:
             fleet.stop(process)
         problems = [p for process in fleet.processes for p in fleet.finish(process)]
