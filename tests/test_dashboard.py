@@ -33,7 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 import conveyor
 from conveyor import Consumer, EmbeddedServer
 from conveyor._keys import dead_letter_key, heartbeat_key
-from conveyor.dashboard.board import Board
+from conveyor.contrib.dashboard.board import Board
 from tests.browser import ensure_chromium, headless_chromium
 from tests.test_cli import TIMEOUT_S, Running, _env, assert_clean_error
 from tests.test_cli import conveyor as cli

@@ -117,7 +117,7 @@ def dashboard(
       conveyor dashboard -s orders -g billing
       conveyor dashboard -p 8080 -s orders -s payments --allow-actions
     """
-    from conveyor.dashboard import require_dashboard
+    from conveyor.contrib.dashboard import require_dashboard
 
     try:
         require_dashboard()
@@ -125,8 +125,8 @@ def dashboard(
         raise CliError(str(exc)) from None
     import uvicorn
 
-    from conveyor.dashboard.app import create_app
-    from conveyor.dashboard.board import Board
+    from conveyor.contrib.dashboard.app import create_app
+    from conveyor.contrib.dashboard.board import Board
 
     check_url(url)
     client = open_client(url)

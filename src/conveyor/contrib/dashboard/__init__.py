@@ -2,13 +2,13 @@
 (when allowed) replays or purges dead letters and cleans up after dead consumers.
 
 Needs starlette and uvicorn, the ``dashboard`` extra (``pip install 'conveyor[dashboard]'``).
-This module imports neither; ``conveyor.dashboard.app`` does, so ``require_dashboard()`` can
-say what to install before anything fails. ``conveyor.dashboard.board`` (what is shown and
+This module imports neither; ``conveyor.contrib.dashboard.app`` does, so ``require_dashboard()`` can
+say what to install before anything fails. ``conveyor.contrib.dashboard.board`` (what is shown and
 done, no HTTP) needs only conveyor itself. The page's assets are in ``static/``, served by the
 dashboard itself: it works offline, behind a firewall, with no CDN.
 
->>> from conveyor.dashboard.app import create_app      # doctest: +SKIP
->>> from conveyor.dashboard.board import Board         # doctest: +SKIP
+>>> from conveyor.contrib.dashboard.app import create_app      # doctest: +SKIP
+>>> from conveyor.contrib.dashboard.board import Board         # doctest: +SKIP
 >>> app = create_app(Board(r, ["orders"], group="billing"))   # doctest: +SKIP
 """
 

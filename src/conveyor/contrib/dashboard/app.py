@@ -44,7 +44,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conveyor.dashboard.board import Board
+from conveyor.contrib.dashboard.board import Board
 from conveyor.errors import ConveyorError
 
 __all__ = ["ACTIONS", "CSRF_HEADER", "STATIC", "create_app", "host_name"]
