@@ -18,7 +18,7 @@ def test_readme_python_examples_run(monkeypatch: pytest.MonkeyPatch, redis_url: 
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     r = namespace["r"]
-    r.delete("orders", "clicks", "{orders}:in", "{orders}:priced")  # type: ignore[attr-defined]
+    r.delete("orders", "clicks", "visits", "{orders}:in", "{orders}:priced")  # type: ignore[attr-defined]
     r.delete(*r.keys("{orders}:in:idem:*"))  # type: ignore[attr-defined]
 
 
