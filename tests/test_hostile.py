@@ -24,6 +24,7 @@ import redis
 import conveyor
 from conveyor import Consumer, DeadLetters, EmbeddedServer
 from conveyor._keys import heartbeat_key
+from conveyor.errors import ServerError
 from conveyor.models import Batch
 from tests.workers import Worker, fill, wait_for
 
@@ -337,3 +338,41 @@ def test_an_overdue_message_refused_by_a_full_server_strands_nothing(
     w.stop()
     assert ids[0] not in {i for i, _ in w.seen}  # never handed out again
     assert admin.xpending(s, "g")["pending"] == 0
+
+
+def test_out_of_memory_never_half_does_a_forward_or_an_idempotent_send(
+    full_server: tuple[EmbeddedServer, redis.Redis],
+) -> None:
+    """While the server is out of memory a forward is done whole or not at all (the XACK is
+    not refused, and once it has written the XADD is not either), and an idempotent send is
+    refused whole: no entry, no key. Once memory is back each happens exactly once."""
+    srv, admin = full_server
+    s, out = "orders", "{orders}:out"
+    fill(admin, s, 2)
+    client = conveyor.connect(srv.url)
+    c = Consumer(client, s, "g", max_wait_ms=30, batch_size=2)
+    first, second = c.get_batch()
+    p = conveyor.Producer(client, s)
+    out_of_memory(admin, True)
+    try:
+        done = c.forward(first, out, {"src": first.id})
+    except ServerError as exc:
+        assert "OOM" in str(exc)
+        done = []
+    forwarded = bool(done)
+    assert admin.xlen(out) == int(forwarded)
+    assert admin.xpending(s, "g")["pending"] == 2 - int(forwarded)  # the ack went with it
+    with pytest.raises(ServerError, match="OOM"):
+        p.send_many([{"n": "a"}, {"n": "b"}], idempotency_keys=["ka", "kb"])
+    assert admin.xlen(s) == 2 and not admin.keys("{orders}:idem:*")
+    out_of_memory(admin, False)
+    if not forwarded:
+        assert len(c.forward(first, out, {"src": first.id})) == 1
+    assert c.forward(first, out, {"src": first.id}) == []  # done once, whatever came first
+    assert len(c.forward(second, out, {"src": second.id})) == 1
+    ids = p.send_many([{"n": "a"}, {"n": "b"}], idempotency_keys=["ka", "kb"])
+    assert p.send_many([{"n": "a"}, {"n": "b"}], idempotency_keys=["ka", "kb"]) == ids
+    assert [f[b"src"].decode() for _, f in admin.xrange(out)] == [first.id, second.id]
+    assert admin.xlen(s) == 4 and admin.xpending(s, "g")["pending"] == 0
+    c.close()
+    client.close()
