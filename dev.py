@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -50,15 +52,51 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+#: the passes' temporary directories: removed when every check passed, kept for a look if not
+TEMP_DIRS: list[str] = []
+
+
+def pytest_args(kind: str, args: list[str]) -> list[str]:
+    """pytest's arguments for one pass, with a temporary directory of its own (two passes
+    running at once must not clean up each other's)."""
+    base = tempfile.mkdtemp(prefix=f"conveyor-tests-{kind}-")
+    TEMP_DIRS.append(base)
+    return [str(PY), "-m", "pytest", f"--basetemp={base}", "--durations=15", *args]
+
+
 def test(args: list[str]) -> int:
+    """The Valkey pass, and the Redis pass beside it (each test starts servers of its own on
+    free ports, so the two do not meet): on two cores the whole check takes about as long as
+    its longer pass. ``CONVEYOR_TEST_SERIAL=1`` runs them one after the other."""
     failures = []
+    on_redis = os.access(REDIS, os.X_OK) and not os.environ.get("CONVEYOR_TEST_SERVER")
+    serial = os.environ.get("CONVEYOR_TEST_SERIAL", "") not in ("", "0")
+    redis_env = {**os.environ, "CONVEYOR_TEST_SERVER": REDIS}
+    redis_command = pytest_args("redis", ["-m", "not once", *args])
+    what = f"the same tests on {REDIS}, but those that depend on no server (marked once)"
+    alongside, log = None, Path(os.devnull)
+    if on_redis and not serial:
+        log = Path(tempfile.mkstemp(prefix="conveyor-tests-redis-", suffix=".log")[1])
+        say(f"{what}, alongside; printed when done")
+        with log.open("wb") as out:
+            alongside = subprocess.Popen(
+                redis_command, cwd=ROOT, env=redis_env, stdout=out, stderr=subprocess.STDOUT
+            )
     say("tests on the embedded Valkey")
-    if run(PY, "-m", "pytest", "--durations=15", *args) != 0:
+    if run(*pytest_args("valkey", args)) != 0:
         failures.append("tests on Valkey")
-    if os.access(REDIS, os.X_OK) and not os.environ.get("CONVEYOR_TEST_SERVER"):
-        say(f"the same tests on {REDIS}, but those that depend on no server (marked once)")
-        env = {**os.environ, "CONVEYOR_TEST_SERVER": REDIS}
-        if run(PY, "-m", "pytest", "--durations=15", "-m", "not once", *args, env=env) != 0:
+    if on_redis:
+        if alongside is None:
+            say(what)
+            code = run(*redis_command, env=redis_env)
+        else:
+            code = alongside.wait()
+            say(f"the tests on {REDIS}, run alongside:")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(log.read_bytes())
+            sys.stdout.flush()
+            log.unlink()
+        if code != 0:
             failures.append("tests on Redis")
     say("ruff check, ruff format --check, mypy --strict src")
     if run(BIN / "ruff", "check", "src", "tests", "bench", "dev.py") != 0:
@@ -68,8 +106,15 @@ def test(args: list[str]) -> int:
     if run(BIN / "mypy", "--strict", "src") != 0:
         failures.append("mypy")
     if failures:
-        say("FAILED: " + ", ".join(failures))
+        say(
+            "FAILED: "
+            + ", ".join(failures)
+            + "; the tests' files are in "
+            + " and ".join(TEMP_DIRS)
+        )
         return 1
+    for directory in TEMP_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
     say("all checks passed")
     return 0
 
