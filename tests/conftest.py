@@ -23,9 +23,22 @@ import conveyor
 from conveyor import AsyncConsumer, AsyncProducer, Consumer, EmbeddedServer, Producer
 
 #: tests that talk to no server of the suite's kind: pure logic (tests/core), URLs against
-#: unreachable endpoints, TLS against Debian's redis-server of their own. Marked ``once``:
-#: ``dev.py test`` runs them in its first pass and leaves them out of the pass on Redis.
-SERVER_INDEPENDENT = ("core/", "test_secrets.py", "test_tls.py")
+#: unreachable endpoints, TLS against Debian's redis-server of their own; and tests of what
+#: sits on top of the library whatever the server (the benchmark's harness, the scan of every
+#: command's output for passwords, the dashboard's page in a browser, the deploy files, spans,
+#: log formats). Marked ``once``: ``dev.py test`` runs them in its first pass and leaves them
+#: out of the pass on Redis.
+SERVER_INDEPENDENT = (
+    "core/",
+    "test_secrets.py",
+    "test_tls.py",
+    "test_bench_",
+    "test_secret_scan.py",
+    "test_dashboard.py",
+    "test_deploy.py",
+    "test_tracing.py",
+    "test_logging.py",
+)
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
