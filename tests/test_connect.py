@@ -263,3 +263,20 @@ def test_a_db_that_is_not_a_number_is_refused(path: str) -> None:
     with pytest.raises(conveyor.ConfigError) as caught:
         conveyor.connect(f"redis://u:secret@127.0.0.1:6379{path}")
     assert "bad db" in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_an_embedded_server_whose_port_was_taken_starts_on_another() -> None:
+    """Another program took the port chosen for an EmbeddedServer before it started (a test
+    run beside this one, say): it answers on a port of its own, never through the other."""
+    binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
+    mine = EmbeddedServer(binary)
+    chosen = mine.port
+    with EmbeddedServer(binary, port=chosen) as squatter, mine:
+        assert mine.port != chosen
+        client = conveyor.connect(mine.url)
+        assert client.info("server")["process_id"] == mine.pid != squatter.pid
+        client.close()
+        port = mine.port
+        mine.kill()
+        mine.start()  # a restart comes back on the same port
+        assert mine.port == port

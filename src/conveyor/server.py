@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,13 +55,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ping(port: int, timeout_s: float = 0.5) -> bool:
+_PROCESS_ID = re.compile(rb"process_id:(\d+)\r\n")
+
+
+def _served_by(port: int, pid: int, timeout_s: float = 0.5) -> bool:
+    """Whether the server answering on ``port`` is the process ``pid`` (``INFO server``'s
+    ``process_id``): another program may have taken a port between its choice and the bind."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            s.sendall(b"INFO server\r\n")
+            reply = b""
+            while (found := _PROCESS_ID.search(reply)) is None:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return False
+                reply += chunk
     except OSError:
         return False
+    return int(found.group(1)) == pid
 
 
 class EmbeddedServer:
@@ -80,6 +92,7 @@ class EmbeddedServer:
         start_timeout_s: float = 10.0,
     ) -> None:
         self.binary = find_server_binary(binary)
+        self._auto_port = port is None  # a port chosen here: another is chosen if it is taken
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args
@@ -108,7 +121,20 @@ class EmbeddedServer:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> EmbeddedServer:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers (itself, not another program that took
+        the port meanwhile: then, if the port was chosen here, on another port)."""
+        for _ in range(3):
+            if self._start_once():
+                self._auto_port = False  # a restart comes back where clients look for it
+                return self
+            if not (self._auto_port and "in use" in self._log_tail()):
+                break
+            self.port = free_port()
+        tail = self._log_tail()
+        self.close()  # nothing left behind: no process, no data directory
+        raise ServerNotFound(f"{self.binary} did not start on port {self.port}: {tail}")
+
+    def _start_once(self) -> bool:
         args = [
             str(self.binary),
             "--port", str(self.port),
@@ -131,16 +157,15 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if _ping(self.port):
+            if _served_by(self.port, self._proc.pid):
                 if not self.appendonly:  # without persistence on purpose: nothing to warn of
                     from conveyor._startup import skip
 
                     skip(f"127.0.0.1:{self.port}")
-                return self
+                return True
             time.sleep(0.02)
-        tail = self._log_tail()
-        self.close()  # nothing left behind: no process, no data directory
-        raise ServerNotFound(f"{self.binary} did not start on port {self.port}: {tail}")
+        self.stop()
+        return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""
