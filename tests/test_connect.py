@@ -280,3 +280,13 @@ def test_an_embedded_server_whose_port_was_taken_starts_on_another() -> None:
         mine.kill()
         mine.start()  # a restart comes back on the same port
         assert mine.port == port
+
+
+def test_an_embedded_server_with_a_password_starts_and_keeps_its_secret() -> None:
+    binary = os.environ.get("CONVEYOR_TEST_SERVER") or None
+    with EmbeddedServer(binary, extra_args=("--requirepass", "s3 cr/et")) as srv:
+        client = conveyor.connect(srv.url.replace("redis://", "redis://:s3%20cr%2Fet@", 1))
+        assert client.info("server")["process_id"] == srv.pid
+        client.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=srv.port).ping()

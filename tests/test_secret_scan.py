@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -42,9 +40,9 @@ import redis
 from click.testing import CliRunner
 
 import conveyor
-from conveyor import Consumer, Producer
+from conveyor import Consumer, EmbeddedServer, Producer
 from conveyor.cli import main
-from conveyor.server import find_server_binary, free_port
+from conveyor.server import free_port
 
 PASSWORD = "ps/3cQr@t#:x"
 WRONG_PASSWORD = "ps/3cQr@t#:y"
@@ -90,64 +88,19 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = DE
         time.sleep(0.02)
 
 
-class PasswordServer:
-    """A server whose default user has a password, on a fixed port across restarts.
-
-    Not EmbeddedServer: it waits for an unauthenticated PING, which such a server answers with
-    NOAUTH, so it never sees one start. This one waits for an authenticated PING.
-    """
+class PasswordServer(EmbeddedServer):
+    """A server whose default user has a password (EmbeddedServer logs in to see it start),
+    and a user of its own, ``scanner``, with the same password; on a fixed port across
+    restarts."""
 
     def __init__(self, binary: str | None) -> None:
-        self.binary = find_server_binary(binary)
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="conveyor-secret-scan-"))
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(binary, extra_args=("--requirepass", PASSWORD))
 
     def start(self) -> PasswordServer:
-        args = [
-            str(self.binary),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--logfile", str(self.dir / "server.log"),
-            "--requirepass", PASSWORD,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-        )
-        client = redis.Redis(port=self.port, password=PASSWORD, socket_timeout=1)
-
-        def answers() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "the server exited"
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        try:
-            wait_until(answers, f"the server on port {self.port}", 10)
-            # a user of its own, with the same password
+        super().start()
+        with redis.Redis(port=self.port, password=PASSWORD, socket_timeout=1) as client:
             client.execute_command("ACL", "SETUSER", "scanner", "on", ">" + PASSWORD, "~*", "+@all")
-        finally:
-            client.close()
-        conveyor._startup.skip(f"127.0.0.1:{self.port}")  # no persistence, on purpose
         return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def client(self) -> Any:
         return conveyor.connect(f"redis://:{ENCODED}@127.0.0.1:{self.port}/0", cluster=False)

@@ -58,12 +58,23 @@ def free_port() -> int:
 _PROCESS_ID = re.compile(rb"process_id:(\d+)\r\n")
 
 
-def _served_by(port: int, pid: int, timeout_s: float = 0.5) -> bool:
+def _command(*words: str) -> bytes:
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        raw = word.encode("utf-8", "surrogateescape")
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
+
+
+def _served_by(port: int, pid: int, password: str | None, timeout_s: float = 0.5) -> bool:
     """Whether the server answering on ``port`` is the process ``pid`` (``INFO server``'s
     ``process_id``): another program may have taken a port between its choice and the bind."""
+    ask = _command("INFO", "server")
+    if password is not None:
+        ask = _command("AUTH", password) + ask
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-            s.sendall(b"INFO server\r\n")
+            s.sendall(ask)
             reply = b""
             while (found := _PROCESS_ID.search(reply)) is None:
                 chunk = s.recv(65536)
@@ -96,6 +107,11 @@ class EmbeddedServer:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args
+        # the password a --requirepass in extra_args sets: start() must log in to check
+        self._password = next(
+            (b for a, b in zip(extra_args, extra_args[1:], strict=False) if a == "--requirepass"),
+            None,
+        )
         self.start_timeout_s = start_timeout_s
         self._dir = Path(tempfile.mkdtemp(prefix="conveyor-server-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -157,7 +173,7 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if _served_by(self.port, self._proc.pid):
+            if _served_by(self.port, self._proc.pid, self._password):
                 if not self.appendonly:  # without persistence on purpose: nothing to warn of
                     from conveyor._startup import skip
 
