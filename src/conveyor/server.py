@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
 
@@ -109,7 +110,7 @@ class EmbeddedServer:
         self.extra_args = extra_args
         # the password a --requirepass in extra_args sets: start() must log in to check
         self._password = next(
-            (b for a, b in zip(extra_args, extra_args[1:], strict=False) if a == "--requirepass"),
+            (value for arg, value in pairwise(extra_args) if arg == "--requirepass"),
             None,
         )
         self.start_timeout_s = start_timeout_s
