@@ -480,6 +480,41 @@ def test_run_linger_zero_hands_a_lone_message_over_at_once(
     proc.wait(10)
 
 
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_run_no_ack_reads_at_most_once_and_keeps_failures_as_dead_letters(
+    r: redis.Redis,
+    name: Name,
+    worker_env: dict[str, str],
+    processes: list[subprocess.Popen[str]],
+    concurrency: str,
+) -> None:
+    stream = name("metrics")
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(50)]
+    bad = r.xadd(stream, {"bad": "1"}).decode()
+    args = ("-s", stream, "-g", "g", "--max-wait-ms", "100", "--concurrency", concurrency)
+    proc = start(processes, "run", "cli_handlers:handle", *args, "--no-ack", env=worker_env)
+    wait_for(lambda: len(seen_ids(worker_env)) == 50, "the worker handled every message")
+    dead = dead_letter_key(stream)
+    wait_for(lambda: r.exists(dead) and r.xlen(dead) == 1, "the bad one dead-lettered")
+    assert not r.exists(heartbeat_key(stream, "g"))  # nothing to renew: no heartbeats
+    returncode, err = stop(proc)
+
+    assert returncode == 0, err
+    assert sorted(seen_ids(worker_env)) == sorted(ids)
+    row = group_row(r, stream, "g")
+    assert row["pending"] == 0 and row["last-delivered-id"].decode() == bad  # never pending
+    ((_, letter),) = r.xrange(dead)
+    assert letter[b"conveyor.origin_id"].decode() == bad
+
+
+def test_run_no_ack_with_a_handler_timeout_is_one_error_line(worker_env: dict[str, str]) -> None:
+    args = ("-s", "s", "-g", "g", "--no-ack", "--handler-timeout-ms", "100")
+    result = cli("run", "cli_handlers:handle", *args, env=worker_env)
+
+    assert_clean_error(result)
+    assert "handler_timeout_ms does not go with noack=True" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("target", "says"),
     [

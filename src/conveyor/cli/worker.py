@@ -180,6 +180,13 @@ def _stop_when_orphaned(supervisor_pid: int) -> None:
     "go to the other consumers at once (an async handler is cancelled). Default: no limit.",
 )
 @click.option(
+    "--no-ack",
+    "no_ack",
+    is_flag=True,
+    help="Read with XREADGROUP NOACK: at-most-once, nothing pending, no heartbeats or reclaim; "
+    "a failed message goes to the dead-letter stream at once (it cannot come back).",
+)
+@click.option(
     "--dead-letter",
     metavar="NAME",
     help="The dead-letter stream. Default: the stream's own, e.g. {orders}:dead for orders.",
@@ -241,6 +248,7 @@ def run(ctx: click.Context, /, target: str, **options: Any) -> None:
     Examples:
       conveyor run myapp.tasks:handle --stream orders --group billing
       conveyor run tasks:handle -s orders -g billing --concurrency 4 --metrics-port 9100
+      conveyor run tasks:sample -s metrics -g sampler --no-ack
     """
     concurrency: int = options["concurrency"]
     _early_stop.install()
@@ -307,6 +315,7 @@ def _consumer_options(options: dict[str, Any]) -> dict[str, Any]:
         "claim_idle_ms": options["claim_idle_ms"],
         "dead_letter": options["dead_letter"],
         "handler_timeout_ms": options["handler_timeout_ms"],
+        "noack": options["no_ack"],
     }
 
 
@@ -399,6 +408,8 @@ def _worker_argv(
         argv += ["--handler-timeout-ms", str(options["handler_timeout_ms"])]
     if options["linger_ms"] is not None:
         argv += ["--linger-ms", str(options["linger_ms"])]
+    if options["no_ack"]:
+        argv += ["--no-ack"]
     if options["consumer"]:
         argv += ["--consumer", f"{options['consumer']}-{index}"]
     if options["metrics_port"] is not None:
