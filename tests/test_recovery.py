@@ -194,10 +194,12 @@ def test_a_live_consumer_with_a_long_handler_is_not_robbed(
 ) -> None:
     s = name("s")
     fill(r, s, 5)
-    slow = drivers.consumer(s, "g", batch_size=5, max_wait_ms=30, claim_idle_ms=200, **FAST)
+    # renewed every 50 ms, taken once idle for 600 ms: only a renewal held up that long (a
+    # machine that busy) would let the other take them
+    slow = drivers.consumer(s, "g", batch_size=5, max_wait_ms=30, claim_idle_ms=600, **FAST)
     held = slow.get_batch()
-    other = drivers.consumer(s, "g", max_wait_ms=30, claim_idle_ms=200, **FAST)
-    deadline = time.monotonic() + 0.8  # four times claim_idle_ms
+    other = drivers.consumer(s, "g", max_wait_ms=30, claim_idle_ms=600, **FAST)
+    deadline = time.monotonic() + 2.4  # four times claim_idle_ms
     while time.monotonic() < deadline:
         assert len(other.get_batch()) == 0
     assert slow.ack_many(held) == 5
@@ -233,8 +235,10 @@ def test_reclaim_follows_its_cursor_past_busy_entries(
     assert len(held) == 1000
     behind = fill(r, s, 5)
     r.xreadgroup("g", "stuck", {s: ">"}, count=5)
+    # The busy consumer renews its entries every 50 ms; entries idle for 2 s are taken from
+    # anyone: only a renewal held up for 2 s (a machine that busy) would let c take them.
     c = drivers.consumer(
-        s, "g", consumer="c", batch_size=10, max_wait_ms=30, claim_idle_ms=300, heartbeat_ms=50
+        s, "g", consumer="c", batch_size=10, max_wait_ms=30, claim_idle_ms=2000, heartbeat_ms=50
     )
     got: list[str] = []
     deadline = time.monotonic() + 15
