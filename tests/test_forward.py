@@ -52,14 +52,17 @@ def test_run_forwards_each_message_once_with_the_next_read(
 
     def handler(batch: Batch) -> None:
         nonlocal handed
-        # the forwards of the batches before went out with the read of this one
+        # the forwards of the batch before went out with the read of this one, sent before
+        # this handler was called: the server may or may not have served it yet; those of
+        # the batches before that have landed (their replies were read)
         seen_before.append(r.xlen(out(s)) if r.exists(out(s)) else 0)
         for msg in batch:
             batch.forward(msg, out(s), {"src": msg.id, "n": int(msg.fields["n"]) * 2})
         handed += len(batch)
 
     run_until_settled(c, r, s, handler)
-    assert seen_before[0] == 0 and seen_before[1:] == [20, 40][: len(seen_before) - 1]
+    assert seen_before[0] == 0
+    assert all(20 * (k - 1) <= seen <= 20 * k for k, seen in enumerate(seen_before) if k)
     assert [o["src"] for o in outputs(r, out(s))] == ids
     assert [o["n"] for o in outputs(r, out(s))] == [str(2 * i) for i in range(60)]
     assert pending(r, s) == 0
