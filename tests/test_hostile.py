@@ -103,7 +103,7 @@ def test_ten_thousand_in_flight_are_renewed_and_not_stolen(
         "g",
         consumer="holder",
         batch_size=10_000,
-        claim_idle_ms=600,
+        claim_idle_ms=1500,  # renewals of 10,000 entries keep up even on a busy machine
         heartbeat_ms=100,
     )
     batch = holder.get_batch()
@@ -113,13 +113,13 @@ def test_ten_thousand_in_flight_are_renewed_and_not_stolen(
         s,
         "g",
         consumer="thief",
-        claim_idle_ms=600,
+        claim_idle_ms=1500,
         heartbeat_ms=100,
         max_wait_ms=100,
     )
     started = time.monotonic()
     taken = 0
-    while time.monotonic() - started < 2.0:  # over three times claim_idle_ms
+    while time.monotonic() - started < 3.5:  # over twice claim_idle_ms
         taken += len(thief.get_batch())
     assert taken == 0 and holder.lost_count == 0
     assert holder.ack_many(batch) == 10_000

@@ -194,12 +194,12 @@ def test_a_live_consumer_with_a_long_handler_is_not_robbed(
 ) -> None:
     s = name("s")
     fill(r, s, 5)
-    # renewed every 50 ms, taken once idle for 600 ms: only a renewal held up that long (a
+    # renewed every 50 ms, taken once idle for 1.5 s: only a renewal held up that long (a
     # machine that busy) would let the other take them
-    slow = drivers.consumer(s, "g", batch_size=5, max_wait_ms=30, claim_idle_ms=600, **FAST)
+    slow = drivers.consumer(s, "g", batch_size=5, max_wait_ms=30, claim_idle_ms=1500, **FAST)
     held = slow.get_batch()
-    other = drivers.consumer(s, "g", max_wait_ms=30, claim_idle_ms=600, **FAST)
-    deadline = time.monotonic() + 2.4  # four times claim_idle_ms
+    other = drivers.consumer(s, "g", max_wait_ms=30, claim_idle_ms=1500, **FAST)
+    deadline = time.monotonic() + 3.0  # twice claim_idle_ms
     while time.monotonic() < deadline:
         assert len(other.get_batch()) == 0
     assert slow.ack_many(held) == 5
