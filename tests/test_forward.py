@@ -180,20 +180,26 @@ def test_bad_forwards_are_refused_before_anything_is_sent(
     drivers: Drivers, r: redis.Redis, name: Name
 ) -> None:
     s = name("s")
-    fill(r, s, 1)
-    c = drivers.consumer(s, "g", max_wait_ms=30)
+    fill(r, s, 2)
+    c = drivers.consumer(s, "g", max_wait_ms=30, batch_size=1)
     (msg,) = c.get_batch()
     with pytest.raises(ConfigError, match="needs fields"):
         c.forward(msg, out(s))
-    with pytest.raises(FieldTypeError, match=r"field 'a' forwarded to .* has a list value"):
-        c.forward(msg, out(s), {"a": [1]})
-    with pytest.raises(FieldTypeError, match="must not be empty"):
-        c.forward(msg, out(s), {})
+    for target in (out(s), out(s)):  # a new target, then one forwarded to before
+        with pytest.raises(FieldTypeError, match=r"field 'a' forwarded to .* has a list value"):
+            c.forward(msg, target, {"a": [1]})
+        with pytest.raises(FieldTypeError, match=r"field name 3 forwarded to .* must be str or"):
+            c.forward(msg, target, {3: "x"})
+        with pytest.raises(FieldTypeError, match="must not be empty"):
+            c.forward(msg, target, {})
+        if not r.exists(target):
+            (other,) = c.get_batch()
+            c.forward(other, target, {"a": "1"})
     with pytest.raises(ConfigError, match="not a \\(stream, fields\\) pair"):
         c.forward(msg, ["oops"])
     with pytest.raises(ConfigError, match="list of \\(stream, fields\\) is empty"):
         c.forward(msg, [])
-    assert pending(r, s) == 1 and not r.exists(out(s))
+    assert pending(r, s) == 1 and r.xlen(out(s)) == 1
 
 
 def test_a_noack_consumer_cannot_forward(drivers: Drivers, r: redis.Redis, name: Name) -> None:

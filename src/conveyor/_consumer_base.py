@@ -726,10 +726,13 @@ class _ConsumerBase:
         if isinstance(stream, str):
             if fields is None:
                 raise ConfigError(f"forward of {msg.id} to {stream!r} needs fields")
-            if (stream, msg.stream) in self._targets and type(fields) is dict:
-                cmd.validate_fields(fields, f" forwarded to {stream!r}")
-                if len(fields) <= cmd.MAX_INLINE_FIELDS:  # the hot path: a target seen before
-                    return [(stream, list(chain.from_iterable(fields.items())))]
+            if (
+                type(fields) is dict  # the hot path: plain fields to a target seen before
+                and len(fields) <= cmd.MAX_INLINE_FIELDS
+                and (stream, msg.stream) in self._targets
+                and cmd.plain_fields(fields)
+            ):
+                return [(stream, list(chain.from_iterable(fields.items())))]
             pairs: list[Any] = [(stream, fields)]
         else:
             if fields is not None or not isinstance(stream, Sequence | Iterable):
@@ -771,14 +774,12 @@ class _ConsumerBase:
         for msg, outputs in forwards:
             targets, args, ids = by_stream.setdefault(msg.stream, ([], [], []))
             ids.append(msg.id)
-            args.append(msg.id)
-            args.append(len(outputs))
+            args += (msg.id, len(outputs))
             for target, flat in outputs:
                 if target not in targets:
                     targets.append(target)
-                args.append(targets.index(target) + 2)  # its index in KEYS
-                args.append(len(flat))
-                args.extend(flat)
+                args += (targets.index(target) + 2, len(flat))  # its index in KEYS, width
+                args += flat
         for s, (_, _, ids) in by_stream.items():
             self._forget(s, ids)
         return [

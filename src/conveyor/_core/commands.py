@@ -249,16 +249,23 @@ def xautoclaim(
     return ("XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count)
 
 
+def plain_fields(fields: Mapping[Any, Any]) -> bool:
+    """True when every name is str or bytes and every value a plain str, bytes, int or float
+    (checked in C: the hot path); False means ``validate_fields`` must look closer."""
+    return bool(fields) and (
+        _NAME_TYPES.issuperset(map(type, fields))
+        and _VALUE_TYPES.issuperset(map(type, fields.values()))
+    )
+
+
 def validate_fields(fields: Any, where: str = "") -> None:
     """Raise FieldTypeError naming the field whose value Redis cannot store as it is."""
     if type(fields) is not dict and not isinstance(fields, Mapping):
         raise FieldTypeError(f"fields{where} must be a mapping, got {type(fields).__name__}")
     if not fields:
         raise FieldTypeError(f"fields{where} must not be empty: a stream entry needs a field")
-    if _NAME_TYPES.issuperset(map(type, fields)) and _VALUE_TYPES.issuperset(
-        map(type, fields.values())
-    ):
-        return  # the common case, checked in C: str or bytes names, plain values
+    if plain_fields(fields):
+        return  # the common case
     for key, value in fields.items():
         if not isinstance(key, str | bytes):
             raise FieldTypeError(
