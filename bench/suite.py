@@ -35,7 +35,11 @@ with its reference row (1.00x):
 * ``Consumer.run(handler)`` of a forwarding stage: the handler calls ``batch.forward(msg,
   next, msg.fields)`` for each message (ack and XADD to ``{stream}:forwarded:<group>`` in one
   script, exactly once); the run checks that the output holds one entry per message and
-  deletes it. Its ratio is what exactly-once forwarding costs beside a plain ack.
+  deletes it. Its ratio is what exactly-once forwarding costs beside a plain ack;
+* ``Consumer.run(handler)`` of a stage written by hand: the handler sends the batch's fields
+  to ``{stream}:sent:<group>`` with one ``Producer.send_many``, then acks each message (at
+  least once: a crash between the two sends them again); checked and deleted the same way.
+  Between it and the forwarding stage: what exactly-once costs beside at-least-once.
 
 Every run of every row, the reference rows' and the warm-ups included, is made in a fresh child
 process (``multiprocessing``, spawn) that imports only what its row needs: redis for the
@@ -113,6 +117,7 @@ from bench._runs import PRODUCE_CHUNK, Run
 from bench.suite_consume import (
     HEADER,
     Row,
+    conveyor_ack_send,
     conveyor_async_run,
     conveyor_forward,
     conveyor_get_batch,
@@ -234,6 +239,8 @@ class Report:
             Row("faststream", "faststream batch subscriber, msg.ack()", "asyncio", faststream),
             Row("stage_ack", "Consumer.run, batch.ack(msg): an ack stage (reference)", "stage",
                 conveyor_run, reference=True),
+            Row("stage_send", "Consumer.run, send_many(outputs) + batch.ack(msg)", "stage",
+                conveyor_ack_send),
             Row("stage_forward", "Consumer.run, batch.forward(msg, next, fields)", "stage",
                 conveyor_forward),
         ]  # fmt: skip

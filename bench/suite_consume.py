@@ -337,6 +337,46 @@ def conveyor_forward(url: str, admin: redis.Redis, run: Run) -> Measured:
     return Measured(run.count, elapsed)
 
 
+class AckAndSend(AckAll):
+    """A ``run()`` handler of a stage written by hand: sends every message's fields to
+    ``target`` with one ``Producer.send_many`` a batch, then acks them (at least once: a
+    crash between the two sends the batch again), stops after ``count``."""
+
+    def __init__(self, consumer: Consumer | AsyncConsumer, count: int, producer: Any) -> None:
+        super().__init__(consumer, count)
+        self.producer = producer
+
+    def __call__(self, batch: Any) -> None:
+        self.producer.send_many([msg.fields for msg in batch])
+        super().__call__(batch)
+
+
+def conveyor_ack_send(url: str, admin: redis.Redis, run: Run) -> Measured:
+    """``Consumer.run(handler)`` of an at-least-once stage: as ``conveyor_forward``, the
+    handler sending the batch's fields with a Producer, then acking each message."""
+    import conveyor
+
+    target = "{" + run.stream + "}:sent:" + run.group
+    with conveyor.connect(url) as client:
+        client.ping()
+        c = conveyor.Consumer(
+            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
+        )
+        handler = AckAndSend(c, run.count, conveyor.Producer(client, target))
+        gc.collect()
+        watch = Stopwatch()
+        c.run(handler)
+        elapsed = watch.stop()
+    finish_run(admin, "Consumer.run sending", run, handler.seen, c.acked_count)
+    outputs = admin.xlen(target)
+    admin.delete(target)
+    if outputs != run.count:
+        raise BenchError(
+            f"Consumer.run sending: {run.count} messages, {outputs} outputs in {target!r}"
+        )
+    return Measured(run.count, elapsed)
+
+
 def conveyor_get_batch(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``Consumer.get_batch()`` + ``ack_many(batch)`` (bench.throughput's loop)."""
     import conveyor

@@ -25,6 +25,7 @@ CONSUME_ROWS = {
     "conveyor_async_run": "asyncio",
     "faststream": "asyncio",
     "stage_ack": "stage",
+    "stage_send": "stage",
     "stage_forward": "stage",
 }
 OPTIONAL_ROWS = {"walrus", "faststream"}
