@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -275,8 +275,14 @@ class AckAll:
             self.consumer.stop()
 
 
-def conveyor_run(url: str, admin: redis.Redis, run: Run) -> Measured:
-    """``Consumer.run(handler)``: from the call until it returns (after leaving the group)."""
+H = TypeVar("H", bound="AckAll")
+
+
+def timed_run(
+    url: str, run: Run, make_handler: Callable[[Consumer, Any], H]
+) -> tuple[Consumer, H, Timing]:
+    """``Consumer.run(handler)`` timed from the call until it returns (after leaving the
+    group); ``make_handler(consumer, client)`` gives the handler."""
     import conveyor
 
     with conveyor.connect(url) as client:
@@ -284,13 +290,29 @@ def conveyor_run(url: str, admin: redis.Redis, run: Run) -> Measured:
         c = conveyor.Consumer(
             client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
         )
-        handler = AckAll(c, run.count)
+        handler = make_handler(c, client)
         gc.collect()
         watch = Stopwatch()
         c.run(handler)
-        elapsed = watch.stop()
+        return c, handler, watch.stop()
+
+
+def conveyor_run(url: str, admin: redis.Redis, run: Run) -> Measured:
+    """``Consumer.run(handler)``: from the call until it returns (after leaving the group)."""
+    c, handler, elapsed = timed_run(url, run, lambda c, _: AckAll(c, run.count))
     finish_run(admin, "Consumer.run", run, handler.seen, c.acked_count)
     return Measured(run.count, elapsed)
+
+
+def check_outputs(admin: redis.Redis, what: str, run: Run, target: str, counted: int) -> None:
+    """A stage's run added one entry per message to ``target`` (and counted as many); the
+    output is deleted."""
+    outputs = admin.xlen(target)
+    admin.delete(target)
+    if outputs != run.count or counted != run.count:
+        raise BenchError(
+            f"{what}: {run.count} messages, {outputs} outputs in {target!r}, {counted} counted"
+        )
 
 
 class ForwardAll(AckAll):
@@ -313,27 +335,10 @@ def conveyor_forward(url: str, admin: redis.Redis, run: Run) -> Measured:
     """``Consumer.run(handler)`` of a forwarding stage: as ``conveyor_run``, the handler
     forwarding each message to a new stream in the stream's slot; then checks that the
     output holds exactly one entry per message, and deletes it."""
-    import conveyor
-
     target = "{" + run.stream + "}:forwarded:" + run.group
-    with conveyor.connect(url) as client:
-        client.ping()
-        c = conveyor.Consumer(
-            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
-        )
-        handler = ForwardAll(c, run.count, target)
-        gc.collect()
-        watch = Stopwatch()
-        c.run(handler)
-        elapsed = watch.stop()
+    c, handler, elapsed = timed_run(url, run, lambda c, _: ForwardAll(c, run.count, target))
     finish_run(admin, "Consumer.run forwarding", run, handler.seen, c.acked_count)
-    outputs = admin.xlen(target)
-    admin.delete(target)
-    if outputs != run.count or c.forwarded_count != run.count:
-        raise BenchError(
-            f"Consumer.run forwarding: {run.count} messages, {outputs} outputs in {target!r}, "
-            f"{c.forwarded_count} counted as forwarded"
-        )
+    check_outputs(admin, "Consumer.run forwarding", run, target, c.forwarded_count)
     return Measured(run.count, elapsed)
 
 
@@ -345,9 +350,10 @@ class AckAndSend(AckAll):
     def __init__(self, consumer: Consumer | AsyncConsumer, count: int, producer: Any) -> None:
         super().__init__(consumer, count)
         self.producer = producer
+        self.sent = 0
 
     def __call__(self, batch: Any) -> None:
-        self.producer.send_many([msg.fields for msg in batch])
+        self.sent += len(self.producer.send_many([msg.fields for msg in batch]))
         super().__call__(batch)
 
 
@@ -357,23 +363,13 @@ def conveyor_ack_send(url: str, admin: redis.Redis, run: Run) -> Measured:
     import conveyor
 
     target = "{" + run.stream + "}:sent:" + run.group
-    with conveyor.connect(url) as client:
-        client.ping()
-        c = conveyor.Consumer(
-            client, run.stream, run.group, batch_size=run.batch, max_wait_ms=run.max_wait_ms
-        )
-        handler = AckAndSend(c, run.count, conveyor.Producer(client, target))
-        gc.collect()
-        watch = Stopwatch()
-        c.run(handler)
-        elapsed = watch.stop()
+
+    def sender(c: Consumer, client: Any) -> AckAndSend:
+        return AckAndSend(c, run.count, conveyor.Producer(client, target))
+
+    c, handler, elapsed = timed_run(url, run, sender)
     finish_run(admin, "Consumer.run sending", run, handler.seen, c.acked_count)
-    outputs = admin.xlen(target)
-    admin.delete(target)
-    if outputs != run.count:
-        raise BenchError(
-            f"Consumer.run sending: {run.count} messages, {outputs} outputs in {target!r}"
-        )
+    check_outputs(admin, "Consumer.run sending", run, target, handler.sent)
     return Measured(run.count, elapsed)
 
 
