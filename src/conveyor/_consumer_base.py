@@ -717,6 +717,15 @@ class _ConsumerBase:
         self, msg: Message, stream: Any, fields: Mapping[Any, Any] | None
     ) -> list[tuple[str, list[Any]]]:
         """A forward's outputs, checked: ``(target stream, field/value list)`` pairs."""
+        if (
+            type(stream) is str  # the hot path: plain fields to a target seen before, from a
+            and type(msg) is Message  # stream checked then (a noack consumer has no targets)
+            and type(fields) is dict
+            and (stream, msg.stream) in self._targets
+            and len(fields) <= cmd.MAX_INLINE_FIELDS
+            and cmd.plain_fields(fields)
+        ):
+            return [(stream, list(chain.from_iterable(fields.items())))]
         self._check_message(msg)
         if self._noack:
             raise ConfigError(
@@ -726,13 +735,6 @@ class _ConsumerBase:
         if isinstance(stream, str):
             if fields is None:
                 raise ConfigError(f"forward of {msg.id} to {stream!r} needs fields")
-            if (
-                type(fields) is dict  # the hot path: plain fields to a target seen before
-                and len(fields) <= cmd.MAX_INLINE_FIELDS
-                and (stream, msg.stream) in self._targets
-                and cmd.plain_fields(fields)
-            ):
-                return [(stream, list(chain.from_iterable(fields.items())))]
             pairs: list[Any] = [(stream, fields)]
         else:
             if fields is not None or not isinstance(stream, Sequence | Iterable):
