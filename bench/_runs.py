@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import logging
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -196,6 +197,9 @@ def measure_in_child(
 
 
 def _measure_child(fn: Measurement, url: str, run: Run, warm: Run | None, conn: Connection) -> None:
+    # The benchmark's own server keeps nothing (no AOF): the start-up checks' warning about
+    # it would be printed again by every child.
+    logging.getLogger("conveyor.server").setLevel(logging.ERROR)
     with conn:
         answer(conn, lambda: _measure(fn, url, run, warm))
 
