@@ -34,10 +34,13 @@ __all__ = [
     "group_option",
     "idle_text",
     "json_option",
+    "max_lag_option",
+    "one_group_option",
     "print_table",
     "quiet_broken_pipe",
     "status_options",
     "stream_option",
+    "streams_option",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +65,30 @@ def group_option(func: F) -> F:
     return click.option(
         "-g", "--group", metavar="GROUP", required=True, help="The consumer group."
     )(func)
+
+
+def streams_option(what: str, *, required: bool = True) -> Callable[[F], F]:
+    """``-s/--stream STREAM``, repeatable, into ``streams``: ``what`` each one is."""
+    return click.option(
+        "-s", "--stream", "streams", metavar="STREAM", multiple=True, required=required, help=what
+    )
+
+
+def one_group_option(func: F) -> F:
+    """``-g/--group GROUP``, optional: every group without it."""
+    return click.option(
+        "-g", "--group", metavar="GROUP", help="Only this group. Default: every group."
+    )(func)
+
+
+def max_lag_option(more: str = "") -> Callable[[F], F]:
+    """``--max-lag N``: a lag above N is critical (``more``: what the command adds)."""
+    return click.option(
+        "--max-lag",
+        metavar="N",
+        type=click.IntRange(min=0),
+        help="A lag above N is critical." + (f" {more}" if more else ""),
+    )
 
 
 def json_option(func: F) -> F:

@@ -10,17 +10,14 @@ import click
 
 from conveyor.acl import acl_rules
 from conveyor.cli import CliError, main
+from conveyor.cli._common import streams_option
 
 
 @main.command("acl")
 @click.argument("role", metavar="ROLE")
-@click.option(
-    "-s",
-    "--stream",
-    "streams",
-    metavar="STREAM",
-    multiple=True,
-    help="A stream the user works on (its key name); repeat for several. At least one.",
+@streams_option(
+    "A stream the user works on (its key name); repeat for several. At least one.",
+    required=False,  # checked in the command: one error line
 )
 @click.option(
     "-g",

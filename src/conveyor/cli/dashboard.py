@@ -15,7 +15,15 @@ import socket
 import click
 
 from conveyor.cli import CliError, _sigterm_as_interrupt, main, open_client, redis_options
-from conveyor.cli._common import check_url, group_info, groups_of, status_options
+from conveyor.cli._common import (
+    check_url,
+    group_info,
+    groups_of,
+    max_lag_option,
+    one_group_option,
+    status_options,
+    streams_option,
+)
 from conveyor.cli._wait import shown_url
 from conveyor.connection import DEFAULT_URL, secrets_in_url
 
@@ -43,16 +51,8 @@ _GRACE_S = 5
     help="Address to listen on (0.0.0.0: every interface; anyone who can reach it sees the "
     "page, and with --allow-actions can use the buttons).",
 )
-@click.option(
-    "-s",
-    "--stream",
-    "streams",
-    metavar="STREAM",
-    multiple=True,
-    required=True,
-    help="A stream to show (repeatable).",
-)
-@click.option("-g", "--group", metavar="GROUP", help="Only this group. Default: every group.")
+@streams_option("A stream to show (repeatable).")
+@one_group_option
 @click.option(
     "--allow-actions",
     is_flag=True,
@@ -77,9 +77,7 @@ _GRACE_S = 5
     help="Seconds between the page's refreshes.",
 )
 @status_options
-@click.option(
-    "--max-lag", metavar="N", type=click.IntRange(min=0), help="A lag above N is critical."
-)
+@max_lag_option()
 @redis_options()
 def dashboard(
     port: int,

@@ -18,7 +18,13 @@ from redis.exceptions import RedisClusterException, RedisError
 from conveyor._cluster import is_cluster
 from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import CliError, _sigterm_as_interrupt, cli_connect, main, redis_options
-from conveyor.cli._common import check_url, status_options
+from conveyor.cli._common import (
+    check_url,
+    max_lag_option,
+    one_group_option,
+    status_options,
+    streams_option,
+)
 from conveyor.cli._wait import ServerWatch, as_cluster_client, is_outage
 
 if TYPE_CHECKING:
@@ -46,16 +52,8 @@ _CHECK_EVERY_S = 5.0
     show_default=True,
     help="Address to listen on.",
 )
-@click.option(
-    "-s",
-    "--stream",
-    "streams",
-    metavar="STREAM",
-    multiple=True,
-    required=True,
-    help="A stream to watch (repeatable).",
-)
-@click.option("-g", "--group", metavar="GROUP", help="Only this group. Default: every group.")
+@streams_option("A stream to watch (repeatable).")
+@one_group_option
 @click.option(
     "--interval",
     metavar="S",
@@ -65,9 +63,7 @@ _CHECK_EVERY_S = 5.0
     help="Collect every S seconds and serve the latest; 0: collect at each scrape.",
 )
 @status_options
-@click.option(
-    "--max-lag", metavar="N", type=click.IntRange(min=0), help="A lag above N is critical."
-)
+@max_lag_option()
 @redis_options()
 def exporter(
     port: int,

@@ -33,6 +33,8 @@ from conveyor.cli._common import (
     echo_json,
     group_info,
     groups_of,
+    max_lag_option,
+    one_group_option,
     quiet_broken_pipe,
     status_options,
     stream_option,
@@ -116,14 +118,10 @@ def verdict_dict(snapshot: Snapshot | None, health: Health) -> dict[str, Any]:
 
 @main.command()
 @stream_option
-@click.option("-g", "--group", metavar="GROUP", help="Only this group. Default: every group.")
+@one_group_option
 @status_options
-@click.option(
-    "--max-lag",
-    metavar="N",
-    type=click.IntRange(min=0),
-    help="A lag above N is critical. Default: no limit (a lag with no live consumer to read "
-    "it is a warning whatever its size).",
+@max_lag_option(
+    "Default: no limit (a lag with no live consumer to read it is a warning whatever its size)."
 )
 @click.option(
     "-w",
