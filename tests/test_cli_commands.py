@@ -827,12 +827,13 @@ def test_exporter_serves_lag_and_pending_until_sigterm(
     redis_url: str, seeded: tuple[str, str], name: Name, processes: list[subprocess.Popen[str]]
 ) -> None:
     stream, group = seeded
-    missing = name("missing")
+    missing, dead = name("missing"), name("dead")  # consumers given dead_letter=dead
+    redis.Redis.from_url(redis_url).xadd(dead, {"n": "1"})
     port = free_port()
     env = {**_env(), "REDIS_URL": redis_url}
 
     args = ("--port", str(port), "--addr", "127.0.0.1", "-s", stream, "-s", missing)
-    proc = start(processes, "exporter", *args, env=env)
+    proc = start(processes, "exporter", *args, "--dead-letter", dead, env=env)
     metrics = scrape(port)
     returncode, err = stop(proc)
 
@@ -844,7 +845,7 @@ def test_exporter_serves_lag_and_pending_until_sigterm(
     assert sample(metrics, "conveyor_group_pending", stream=stream, group=group) == 83
     assert sample(metrics, "conveyor_group_consumers", stream=stream, group=group) == 2
     assert sample(metrics, "conveyor_consumer_pending", stream=stream, consumer="a") == 42
-    assert sample(metrics, "conveyor_dead_letter_length", stream=stream) == 0
+    assert sample(metrics, "conveyor_dead_letter_length", stream=stream) == 1
     assert "Traceback" not in err
 
 

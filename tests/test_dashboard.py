@@ -218,6 +218,23 @@ def test_snapshot_has_the_servers_numbers(
     assert "Traceback" not in output
 
 
+def test_a_dead_letter_stream_of_the_consumers_own_choosing(
+    r: redis.Redis, redis_url: str, seeded: str, name: Name, dashboards: Callable[..., Dashboard]
+) -> None:
+    dead = name("dead")  # consumers given dead_letter=dead
+    r.xadd(dead, {"n": "1", "conveyor.origin_stream": seeded, "conveyor.error": "elsewhere"})
+    dash = dashboards(redis_url, "-s", seeded, "--dead-letter", dead)
+
+    status, view = dash.snapshot()
+    returncode, output = dash.stop()
+
+    assert status == 200, view
+    shown = view_of(view, seeded)["dead_letters"]
+    assert shown["stream"] == dead and shown["count"] == 1
+    assert [d["error"] for d in shown["newest"]] == ["elsewhere"]
+    assert returncode == 0, output
+
+
 def test_read_only_by_default_no_buttons_and_actions_refused(
     r: redis.Redis, redis_url: str, seeded: str, dashboards: Callable[..., Dashboard]
 ) -> None:

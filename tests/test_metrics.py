@@ -196,6 +196,20 @@ def test_without_prometheus_client_the_error_gives_the_install_hint(
     assert INSTALL_HINT == "pip install 'conveyor[metrics]'"
 
 
+def test_a_dead_letter_stream_of_the_consumers_own_choosing(
+    r: redis.Redis, seeded: str, name: Name
+) -> None:
+    other, dead = name("other"), name("dead")  # consumers given dead_letter=dead
+    r.xadd(other, {"n": "1"})
+    r.xadd(dead, {"n": "1"})
+    r.xadd(dead, {"n": "2"})
+    metrics = StreamMetrics(r, [seeded, other], dead_letter=dead)
+    assert value(metrics.registry, "conveyor_dead_letter_length", stream=seeded) == 2
+    assert value(metrics.registry, "conveyor_dead_letter_length", stream=other) == 2
+    with pytest.raises(conveyor.ConfigError, match="dead_letter"):
+        StreamMetrics(r, [seeded], dead_letter="")
+
+
 def test_a_dead_letter_key_of_the_wrong_type_leaves_the_stream_readable(
     r: redis.Redis, seeded: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor._core.commands import error_code
 from conveyor._keys import dead_letter_key
+from conveyor.config import check_name
 from conveyor.connection import describe
 from conveyor.consumer import AsyncConsumer, Consumer
 from conveyor.errors import ConnectionLost
@@ -195,8 +196,10 @@ class StreamMetrics:
     Per stream: length, dead-letter depth, health (0 ok, 1 warning, 2 critical, 3 unknown:
     the stream could not be read) and whether it could be read (``conveyor_up``); per group:
     lag, pending, oldest pending age and idle time, consumers; per consumer: idle time,
-    pending, heartbeat age, status. ``group`` limits the groups to one; ``monitor_options`` go
-    to each Monitor (``batch_size``, ``idle_time_ms_warning_threshold`` ...).
+    pending, heartbeat age, status. ``group`` limits the groups to one; ``dead_letter`` names
+    the dead-letter stream when the consumers were given ``dead_letter=NAME`` (its length is
+    every stream's; default: each stream's own); ``monitor_options`` go to each Monitor
+    (``batch_size``, ``idle_time_ms_warning_threshold`` ...).
 
     Snapshots are taken at each scrape; with ``interval_s``, by ``start()``'s thread every
     ``interval_s`` instead, and scrapes get the latest (cheap under many scrapers). A server
@@ -216,9 +219,12 @@ class StreamMetrics:
         registry: CollectorRegistry | None = None,
         interval_s: float | None = None,
         log_outages: bool = True,
+        dead_letter: str | None = None,
         **monitor_options: Any,
     ) -> None:
         require_prometheus()
+        if dead_letter is not None:
+            check_name("dead_letter", dead_letter)
         from prometheus_client import CollectorRegistry
 
         self.client = client
@@ -234,6 +240,7 @@ class StreamMetrics:
         self._unreachable = False
         #: streams whose dead-letter key is not a stream (another client's)
         self._odd_dead_letters: set[str] = set()
+        self.dead_letter = dead_letter
         self.registry.register(self)
 
     def use_client(self, client: Any) -> None:
@@ -267,7 +274,7 @@ class StreamMetrics:
 
     def _dead_letters(self, stream: str) -> int | None:
         """The dead-letter stream's length; None when its key holds something else."""
-        key = dead_letter_key(stream)
+        key = self.dead_letter or dead_letter_key(stream)
         try:
             return int(self.client.xlen(key))
         except ResponseError as exc:

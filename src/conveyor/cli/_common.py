@@ -28,6 +28,7 @@ __all__ = [
     "check_url",
     "client_for",
     "confirm",
+    "dead_letter_option",
     "echo_json",
     "entries",
     "group_info",
@@ -78,6 +79,16 @@ def one_group_option(func: F) -> F:
     """``-g/--group GROUP``, optional: every group without it."""
     return click.option(
         "-g", "--group", metavar="GROUP", help="Only this group. Default: every group."
+    )(func)
+
+
+def dead_letter_option(func: F) -> F:
+    """``--dead-letter NAME``: the consumers' ``dead_letter=NAME``; each stream's own without."""
+    return click.option(
+        "--dead-letter",
+        metavar="NAME",
+        help="The dead-letter stream, when the consumers were given dead_letter=NAME. "
+        "Default: the stream's own, e.g. {orders}:dead for orders.",
     )(func)
 
 

@@ -17,6 +17,7 @@ import click
 from conveyor.cli import CliError, _sigterm_as_interrupt, main, open_client, redis_options
 from conveyor.cli._common import (
     check_url,
+    dead_letter_option,
     group_info,
     groups_of,
     max_lag_option,
@@ -78,6 +79,7 @@ _GRACE_S = 5
 )
 @status_options
 @max_lag_option()
+@dead_letter_option
 @redis_options()
 def dashboard(
     port: int,
@@ -91,6 +93,7 @@ def dashboard(
     idle_threshold_ms: int,
     heartbeat_ms: int,
     max_lag: int | None,
+    dead_letter: str | None,
     url: str | None,
 ) -> None:
     """Serve a live web dashboard of streams, their groups, consumers and dead letters, until
@@ -141,6 +144,7 @@ def dashboard(
             group,
             server=shown_url(url),
             secrets=secrets_in_url(url or DEFAULT_URL),
+            dead_letter=dead_letter,
             max_age_s=min(1.0, interval / 2),  # pages in many tabs share views
             batch_size=batch_size,
             idle_time_ms_warning_threshold=idle_threshold_ms,

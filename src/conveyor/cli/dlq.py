@@ -18,7 +18,7 @@ from conveyor.cli import (
     main,
     redis_options,
 )
-from conveyor.cli._common import client_for, confirm, echo_json, json_option
+from conveyor.cli._common import client_for, confirm, dead_letter_option, echo_json, json_option
 from conveyor.deadletter import DeadLetter, DeadLetters, OnProgress, Where, matching
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,13 +32,7 @@ _PIPE_WIDTH = 200
 
 def _dead_letter_options(func: F) -> F:
     """--stream and --dead-letter, then the Redis options: what every dlq command needs."""
-    func = redis_options()(func)
-    func = click.option(
-        "--dead-letter",
-        metavar="NAME",
-        help="The dead-letter stream, when the consumers were given dead_letter=NAME. "
-        "Default: the stream's own, e.g. {orders}:dead for orders.",
-    )(func)
+    func = dead_letter_option(redis_options()(func))
     return click.option(
         "-s", "--stream", metavar="STREAM", required=True, help="The stream consumers read."
     )(func)

@@ -20,6 +20,7 @@ from conveyor._core.policy import reconnect_delay_ms
 from conveyor.cli import CliError, _sigterm_as_interrupt, cli_connect, main, redis_options
 from conveyor.cli._common import (
     check_url,
+    dead_letter_option,
     max_lag_option,
     one_group_option,
     status_options,
@@ -64,6 +65,7 @@ _CHECK_EVERY_S = 5.0
 )
 @status_options
 @max_lag_option()
+@dead_letter_option
 @redis_options()
 def exporter(
     port: int,
@@ -75,6 +77,7 @@ def exporter(
     idle_threshold_ms: int,
     heartbeat_ms: int,
     max_lag: int | None,
+    dead_letter: str | None,
     url: str | None,
 ) -> None:
     """Serve Prometheus metrics of streams, their groups and consumers, until SIGTERM/Ctrl-C.
@@ -115,6 +118,7 @@ def exporter(
         group,
         interval_s=interval or None,
         log_outages=False,  # the main thread says it, once per outage
+        dead_letter=dead_letter,
         batch_size=batch_size,
         idle_time_ms_warning_threshold=idle_threshold_ms,
         heartbeat_ms=heartbeat_ms,

@@ -113,7 +113,9 @@ class Board:
 
     ``group``: only this group of each stream (default: every group). ``server``: how the
     server is named in views (a URL without its password); ``secrets``: text never to show
-    (the URL's passwords). ``monitor_options`` go to each ``Monitor`` (``batch_size``,
+    (the URL's passwords). ``dead_letter``: the dead-letter stream, when the consumers were
+    given ``dead_letter=NAME`` (shown for every stream; default: each stream's own).
+    ``monitor_options`` go to each ``Monitor`` (``batch_size``,
     ``idle_time_ms_warning_threshold``, ``heartbeat_ms``, ``max_lag``).
 
     >>> board = Board(r, ["orders"], group="billing", server=shown_url)  # doctest: +SKIP
@@ -133,6 +135,7 @@ class Board:
         secrets: Collection[str] = (),
         max_age_s: float = 1.0,
         dead_letters_shown: int = NEWEST_DEAD_LETTERS,
+        dead_letter: str | None = None,
         **monitor_options: Any,
     ) -> None:
         if isinstance(streams, str) or not streams:
@@ -149,7 +152,7 @@ class Board:
         self.dead_letters_shown = dead_letters_shown
         self._monitor_options = monitor_options
         self._monitors = {s: Monitor(client, s, group, **monitor_options) for s in self.streams}
-        self._dead = {s: DeadLetters(client, s) for s in self.streams}
+        self._dead = {s: DeadLetters(client, s, dead_letter=dead_letter) for s in self.streams}
         #: one collection at a time; pages that poll meanwhile get its view
         self._lock = threading.Lock()
         self._latest: BoardDict | None = None
